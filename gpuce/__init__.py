@@ -1,0 +1,10 @@
+"""gpuce: fused softmax and cross-entropy kernels for NVIDIA GPUs (Numba CUDA) and CPUs (Numba).
+
+The backend is chosen from the array type: numpy arrays and CPU torch tensors run on the CPU;
+CuPy arrays, CUDA torch tensors and numba device arrays run on the GPU.
+"""
+from . import _cpu  # noqa: F401  (registers the CPU backend)
+from ._api import cross_entropy, cross_entropy_with_grad, log_softmax, logsumexp, softmax
+
+__version__ = "0.1.0"
+__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_with_grad"]

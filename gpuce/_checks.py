@@ -1,0 +1,151 @@
+"""Argument checks shared by every backend. They read only shapes and dtypes: no sync."""
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def dtype_name(a):
+    """'float32', 'bfloat16', 'int64', ... for numpy, ml_dtypes, torch and CuPy arrays."""
+    return str(a.dtype).replace("torch.", "")
+
+
+def is_integer_dtype(name):
+    return name.startswith(("int", "uint"))
+
+
+def check_float_logits(x, name="logits"):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    dt = dtype_name(x)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {dt} is not supported; expected one of {', '.join(FLOAT_DTYPES)}")
+    return dt
+
+
+def normalize_axis(axis, ndim, name="axis"):
+    if ndim == 0:
+        raise ValueError(f"{name}: a 0-d array has no class axis")
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise TypeError(f"{name}: expected an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: {axis} is out of range for an array with {ndim} dimensions")
+    return axis % ndim
+
+
+def check_out(out, shape, dtype, name="out"):
+    if out is None:
+        return
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(f"{name}: expected an array, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(out.shape)} does not match the logits' shape {tuple(shape)}")
+    if dtype_name(out) != dtype:
+        raise TypeError(f"{name}: dtype {dtype_name(out)} does not match the logits' dtype {dtype}")
+
+
+@dataclass
+class CERequest:
+    """A cross-entropy call after its arguments were checked."""
+    logits: Any
+    target: Any
+    dtype: str               # storage dtype of the logits
+    soft: bool               # target holds probabilities
+    weight: Optional[Any]
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: Optional[float]
+    validate: Optional[bool]
+    want_grad: bool
+    grad_output: Optional[Any] = None
+    inplace: bool = False
+    out: Optional[Any] = None
+
+    @property
+    def n_classes(self):
+        return int(self.logits.shape[-1])
+
+    @property
+    def row_shape(self):
+        return tuple(self.logits.shape[:-1])
+
+
+def check_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
+                        z_loss, softcap, validate, want_grad, grad_output=None, inplace=False,
+                        out=None):
+    dt = check_float_logits(logits)
+    shape = tuple(logits.shape)
+    if len(shape) == 0:
+        raise ValueError("logits: expected shape (..., C), got a 0-d array")
+    if shape[-1] == 0:
+        raise ValueError("logits: the class axis (last) has size 0")
+    if not hasattr(target, "shape") or not hasattr(target, "dtype"):
+        raise TypeError(f"target: expected an array, got {type(target).__name__}")
+    tdt = dtype_name(target)
+    tshape = tuple(target.shape)
+    if is_integer_dtype(tdt):
+        soft = False
+        if tshape != shape[:-1]:
+            raise ValueError(f"target: class indices need shape {shape[:-1]} (logits.shape[:-1]), got {tshape}")
+    elif tdt in FLOAT_DTYPES:
+        soft = True
+        if tshape != shape:
+            raise ValueError(f"target: class probabilities need the logits' shape {shape}, got {tshape}")
+    else:
+        raise TypeError(f"target: dtype {tdt} is neither an integer (class indices) nor a float "
+                        "(class probabilities)")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: {reduction!r} is not one of {REDUCTIONS}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    label_smoothing = _real("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: {label_smoothing} is outside [0, 1]")
+    z_loss = _real("z_loss", z_loss)
+    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"z_loss: {z_loss} must be a finite number >= 0")
+    if softcap is not None:
+        softcap = _real("softcap", softcap)
+        if not (softcap > 0.0 and math.isfinite(softcap)):
+            raise ValueError(f"softcap: {softcap} must be a finite number > 0 or None")
+    if weight is not None:
+        if not hasattr(weight, "shape") or not hasattr(weight, "dtype"):
+            raise TypeError(f"weight: expected an array, got {type(weight).__name__}")
+        if tuple(weight.shape) != (shape[-1],):
+            raise ValueError(f"weight: expected shape ({shape[-1]},) (one per class), got {tuple(weight.shape)}")
+        if dtype_name(weight) not in FLOAT_DTYPES:
+            raise TypeError(f"weight: dtype {dtype_name(weight)} is not a float dtype")
+    if validate is not None and not isinstance(validate, bool):
+        raise TypeError(f"validate: expected a bool or None, got {type(validate).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+    if grad_output is not None and not isinstance(grad_output, (int, float)):
+        if not hasattr(grad_output, "shape"):
+            raise TypeError(f"grad_output: expected a number or an array, got {type(grad_output).__name__}")
+        want = shape[:-1] if reduction == "none" else ()
+        if tuple(grad_output.shape) != want:
+            raise ValueError(f"grad_output: expected shape {want} for reduction={reduction!r}, "
+                             f"got {tuple(grad_output.shape)}")
+        if dtype_name(grad_output) not in FLOAT_DTYPES:
+            raise TypeError(f"grad_output: dtype {dtype_name(grad_output)} is not a float dtype")
+    if inplace and out is not None:
+        raise ValueError("out: cannot be combined with inplace=True (the gradient goes into logits)")
+    check_out(out, shape, dt)
+    return CERequest(logits, target, dt, soft, weight, ignore_index, reduction, label_smoothing,
+                     z_loss, softcap, validate, want_grad, grad_output, inplace, out)
+
+
+def _real(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            import numpy as np
+            if isinstance(value, np.generic) and np.issubdtype(type(value), np.floating):
+                return float(value)
+        except ImportError:  # pragma: no cover
+            pass
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)

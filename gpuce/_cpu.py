@@ -1,0 +1,248 @@
+"""CPU backend: numpy arrays and CPU torch tensors, run by the @njit kernels."""
+import sys
+
+import numpy as np
+
+from . import _dispatch
+
+_ACC = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
+_RAW = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _is_cpu_tensor(x):
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cpu"
+
+
+def _numpy_dtype(dt):
+    if dt == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dt)
+
+
+def to_numpy(a):
+    """A numpy view of a numpy array or CPU tensor (bf16 tensors come back as raw uint16)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if _is_cpu_tensor(a):
+        t = a.detach()
+        if t.dtype == _torch().bfloat16:
+            return t.view(_torch().int16).numpy().view(np.uint16)
+        return t.numpy()
+    return np.asarray(a)
+
+
+def raw(a_np, dt):
+    """The array as the kernels' storage type: half floats as 16-bit words."""
+    return a_np.view(np.uint16) if dt in ("float16", "bfloat16") else a_np
+
+
+def wrap(like, raw_np, dt):
+    """Give a raw result the array type and dtype of ``like``."""
+    if _is_cpu_tensor(like):
+        torch = _torch()
+        if dt == "bfloat16":
+            return torch.from_numpy(raw_np.view(np.int16)).view(torch.bfloat16)
+        if dt == "float16":
+            return torch.from_numpy(raw_np.view(np.float16))
+        return torch.from_numpy(raw_np)
+    if dt in ("float16", "bfloat16"):
+        return raw_np.view(_numpy_dtype(dt))
+    return raw_np
+
+
+def wrap_loss(like, value):
+    if _is_cpu_tensor(like):
+        return _torch().from_numpy(np.asarray(value))
+    return np.asarray(value)
+
+
+def _rows(a, axis):
+    """(N, C) C-contiguous view of ``a`` with ``axis`` last, copying only when strides demand."""
+    moved = np.moveaxis(a, axis, -1)
+    n_cls = moved.shape[-1] if moved.ndim else 1
+    return np.ascontiguousarray(moved).reshape(-1, n_cls) if moved.size else moved.reshape(-1, n_cls)
+
+
+def _writable_rows(dest, axis):
+    """Rows view of ``dest`` if writing it directly is possible, else None."""
+    moved = np.moveaxis(dest, axis, -1)
+    if moved.flags.c_contiguous:
+        return moved.reshape(-1, moved.shape[-1])
+    return None
+
+
+def _kernels(dt, softcap):
+    from .kernels import cpu
+    return cpu.make_kernels(dt, softcap is not None)
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def owns(self, x):
+        return isinstance(x, np.ndarray) or _is_cpu_tensor(x)
+
+    def check_same_device(self, a, b, name):
+        return None
+
+    # ---- softmax family ------------------------------------------------------
+
+    def softmax(self, x, axis, dt, out, log):
+        xr = raw(to_numpy(x), dt)
+        k = _kernels(dt, None)
+        rows = _rows(xr, axis)
+        if out is None:
+            dest_np = np.empty(np.moveaxis(xr, axis, -1).shape, dtype=xr.dtype)
+            result_rows = dest_np.reshape(rows.shape)
+            self._run_softmax(k, rows, result_rows, log)
+            return wrap(x, np.moveaxis(dest_np, -1, axis), dt)
+        dest = raw(to_numpy(out), dt)
+        direct = _writable_rows(dest, axis)
+        if direct is not None and rows.size and np.shares_memory(direct, rows):
+            if direct.ctypes.data == rows.ctypes.data and direct.strides == rows.strides:
+                k["log_softmax_inplace" if log else "softmax_inplace"](direct, 0.0)
+                return out
+            direct = None  # partial overlap: go through a temporary
+        target = direct if direct is not None else np.empty_like(rows)
+        self._run_softmax(k, rows, target, log)
+        if direct is None:
+            np.copyto(np.moveaxis(dest, axis, -1), target.reshape(np.moveaxis(dest, axis, -1).shape))
+        return out
+
+    @staticmethod
+    def _run_softmax(k, rows, dest_rows, log):
+        if rows.size:
+            k["log_softmax" if log else "softmax"](rows, dest_rows, 0.0)
+
+    def logsumexp(self, x, axis, dt):
+        xr = raw(to_numpy(x), dt)
+        rows = _rows(xr, axis)
+        res = np.empty(rows.shape[0], dtype=_ACC[dt])
+        if rows.shape[0]:
+            if rows.shape[1]:
+                _kernels(dt, None)["logsumexp"](rows, res, 0.0)
+            else:
+                res[:] = -np.inf
+        shape = np.moveaxis(xr, axis, -1).shape[:-1]
+        return wrap_loss(x, res.reshape(shape)) if _is_cpu_tensor(x) else res.reshape(shape)
+
+    # ---- cross entropy -------------------------------------------------------
+
+    def cross_entropy(self, req):
+        from .kernels import cpu
+        dt = req.dtype
+        acc = _ACC[dt]
+        logits_np = raw(to_numpy(req.logits), dt)
+        rows = _rows(logits_np, -1)
+        n_rows, n_cls = rows.shape
+        k = _kernels(dt, req.softcap)
+        cap = acc(req.softcap if req.softcap is not None else 0.0)
+        weight = (np.ones(n_cls, dtype=acc) if req.weight is None
+                  else np.ascontiguousarray(_float_numpy(req.weight), dtype=acc))
+        eps, zl = acc(req.label_smoothing), acc(req.z_loss)
+
+        if req.soft:
+            q = to_numpy(req.target)
+            q_rows = _rows(raw(q, dt) if _same_dtype(req.target, dt) else
+                           raw(np.asarray(_float_numpy(req.target), dtype=_numpy_dtype(dt)), dt), -1)
+            den_ce = den_z = float(n_rows)
+        else:
+            tgt = np.ascontiguousarray(to_numpy(req.target), dtype=np.int64).reshape(-1)
+            w_kept, kept, bad = cpu.hard_target_stats(tgt, weight, n_cls, req.ignore_index)
+            if bad >= 0:
+                raise ValueError(f"target: class index {int(tgt[bad])} (row {bad}) is outside "
+                                 f"[0, {n_cls}) and is not ignore_index={req.ignore_index}")
+            den_ce, den_z = w_kept, float(kept)
+        if req.reduction != "mean":
+            den_ce = den_z = 1.0
+        inv_ce = acc(0.0 if den_ce == 0 else 1.0 / den_ce)  # all ignored: loss 0, grad 0
+        inv_z = acc(0.0 if den_z == 0 else 1.0 / den_z)
+
+        go, go_step = self._grad_output(req, acc, n_rows)
+        grad_rows, finish = self._grad_buffer(req, rows, logits_np)
+        loss_rows = np.empty(n_rows, dtype=acc)
+        if n_rows:
+            inplace = grad_rows is rows and req.want_grad and _shares(rows, logits_np)
+            if req.soft:
+                if inplace:
+                    k["ce_soft_inplace"](rows, q_rows, weight, go, go_step, inv_ce, eps, zl, cap,
+                                         loss_rows)
+                else:
+                    k["ce_soft"](rows, grad_rows, q_rows, weight, go, go_step, inv_ce, eps, zl,
+                                 cap, loss_rows, req.want_grad)
+            else:
+                w_sum = acc(weight.sum(dtype=np.float64))
+                if inplace:
+                    k["ce_hard_inplace"](rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z, eps,
+                                         zl, cap, req.ignore_index, loss_rows)
+                else:
+                    k["ce_hard"](rows, grad_rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z,
+                                 eps, zl, cap, req.ignore_index, loss_rows, req.want_grad)
+        if req.reduction == "none":
+            loss = loss_rows.reshape(req.row_shape)
+            loss = wrap_loss(req.logits, loss) if _is_cpu_tensor(req.logits) else loss
+        else:
+            loss = wrap_loss(req.logits, acc(loss_rows.sum(dtype=np.float64)))
+        return loss, (finish() if req.want_grad else None)
+
+    @staticmethod
+    def _grad_output(req, acc, n_rows):
+        go = req.grad_output
+        if go is None:
+            return np.ones(1, dtype=acc), 0
+        if isinstance(go, (int, float)):
+            return np.full(1, go, dtype=acc), 0
+        arr = np.ascontiguousarray(_float_numpy(go), dtype=acc).reshape(-1)
+        return (arr, 1) if req.reduction == "none" else (arr.reshape(1), 0)
+
+    @staticmethod
+    def _grad_buffer(req, rows, logits_np):
+        """(rows the kernel writes, function returning the user's grad after the kernel)."""
+        dt = req.dtype
+        shape = tuple(req.logits.shape)
+        if not req.want_grad:
+            return np.empty((0, 0), dtype=rows.dtype), lambda: None
+        if req.inplace:
+            if _shares(rows, logits_np):
+                return rows, lambda: req.logits
+            def copy_back():
+                np.copyto(logits_np, rows.reshape(shape))
+                return req.logits
+            return rows, copy_back
+        if req.out is not None:
+            dest = raw(to_numpy(req.out), dt)
+            direct = _writable_rows(dest, -1)
+            if direct is not None and not np.shares_memory(direct, logits_np):
+                return direct, lambda: req.out
+            tmp = np.empty_like(rows)
+            def copy_out():
+                np.copyto(dest, tmp.reshape(shape))
+                return req.out
+            return tmp, copy_out
+        grad_np = np.empty(shape, dtype=rows.dtype)
+        return grad_np.reshape(rows.shape), lambda: wrap(req.logits, grad_np, dt)
+
+
+def _shares(rows, base):
+    return rows.size > 0 and np.shares_memory(rows, base)
+
+
+def _same_dtype(a, dt):
+    return str(a.dtype).replace("torch.", "") == dt
+
+
+def _float_numpy(a):
+    """Any float array (half included) as a numpy array numpy can compute with."""
+    a_np = to_numpy(a)
+    if _is_cpu_tensor(a) and a.dtype == _torch().bfloat16:
+        return a.detach().float().numpy()
+    return a_np.astype(np.float64) if a_np.dtype.kind == "V" else a_np
+
+
+_dispatch.register(CpuBackend())

@@ -1,0 +1,198 @@
+"""Scalar numerics for the CPU kernels, written so LLVM's loop vectoriser can use them.
+
+pip's llvmlite has no SVML, so ``np.exp`` stays a scalar libm call inside a loop.
+``exp_nonpos`` is built from arithmetic, a rounding and a bit cast, all of which
+vectorise. Half-precision values travel as raw 16-bit words (numba has no float16
+arrays) and are widened/narrowed here.
+"""
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: -inf masks are legal
+jit = njit(inline="never", fastmath=FASTMATH, cache=True)
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_to_f64(typingctx, bits):
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_bits(typingctx, value):
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _f16bits_to_f32(typingctx, bits):
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_f16bits(typingctx, value):
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())  # round to nearest even
+        return builder.bitcast(half, ir.IntType(16))
+
+    return sig, codegen
+
+
+# ---- element loads / stores per storage dtype -------------------------------------
+
+@jit
+def load_f16(v):
+    return _f16bits_to_f32(v)
+
+
+@jit
+def store_f16(v):
+    return _f32_to_f16bits(np.float32(v))
+
+
+@jit
+def load_bf16(v):
+    return _bits_to_f32(np.int32(v) << 16)
+
+
+@jit
+def store_bf16(v):
+    bits = _f32_to_bits(np.float32(v))
+    # round to nearest even; NaN keeps a quiet payload bit
+    rounded = (bits + np.int32(0x7FFF) + ((bits >> 16) & np.int32(1))) >> 16
+    is_nan = (bits & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000)
+    out = np.int32(0x7FC0) if is_nan else rounded
+    return np.uint16(out & np.int32(0xFFFF))
+
+
+@jit
+def load_f32(v):
+    return np.float32(v)
+
+
+@jit
+def store_f32(v):
+    return np.float32(v)
+
+
+@jit
+def load_f64(v):
+    return np.float64(v)
+
+
+@jit
+def store_f64(v):
+    return np.float64(v)
+
+
+# ---- exp for arguments <= 0 (every softmax exponent is x - max) -------------------
+
+_LN2_HI32 = np.float32(0.693145751953125)
+_LN2_LO32 = np.float32(1.428606765330187e-06)
+_LOG2E32 = np.float32(1.4426950408889634)
+
+
+@jit
+def exp_nonpos_f32(x):
+    """exp(x) for x <= 0 in float32, ~1 ulp; exactly 0 below -87.3 and for -inf."""
+    x = np.float32(x)
+    lo = np.float32(-87.33)
+    xc = lo if x < lo else x  # clamps -inf into range for the bit trick; NaN stays NaN
+    n = np.float32(math.floor(xc * _LOG2E32 + np.float32(0.5)))
+    r = xc - n * _LN2_HI32
+    r = r - n * _LN2_LO32
+    # Taylor of e^r on |r| <= ln2/2, degree 7: truncation < 6e-9 relative
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    scale = _bits_to_f32((np.int32(n) + np.int32(127)) << 23)
+    return np.float32(0.0) if x < lo else p * scale
+
+
+_LN2_HI64 = 0.6931471803691238
+_LN2_LO64 = 1.9082149292705877e-10
+_LOG2E64 = 1.4426950408889634
+
+
+@jit
+def exp_nonpos_f64(x):
+    """exp(x) for x <= 0 in float64, ~1 ulp; exactly 0 below -708 and for -inf."""
+    x = np.float64(x)
+    xc = -708.0 if x < -708.0 else x
+    n = math.floor(xc * _LOG2E64 + 0.5)
+    r = xc - n * _LN2_HI64
+    r = r - n * _LN2_LO64
+    # Taylor degree 13 on |r| <= ln2/2: truncation < 1e-17 relative
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    scale = _bits_to_f64((np.int64(n) + np.int64(1023)) << 52)
+    return 0.0 if x < -708.0 else p * scale
+
+
+@jit
+def tanh_f32(u):
+    """tanh in float32 from exp_nonpos_f32; Taylor near 0 avoids the 1 - e cancellation."""
+    u = np.float32(u)
+    a = abs(u)
+    e = exp_nonpos_f32(np.float32(-2.0) * a)
+    big = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+    u2 = a * a
+    small = np.float32(62.0 / 2835.0)
+    small = small * u2 - np.float32(17.0 / 315.0)
+    small = small * u2 + np.float32(2.0 / 15.0)
+    small = small * u2 - np.float32(1.0 / 3.0)
+    small = a + a * u2 * small
+    t = small if a < np.float32(0.25) else big
+    return -t if u < np.float32(0.0) else t
+
+
+@jit
+def tanh_f64(u):
+    return math.tanh(u)

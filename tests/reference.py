@@ -1,0 +1,107 @@
+"""The float64 reference that defines gpuce's semantics. Every backend is tested against it.
+
+It is written with plain numpy in float64, term by term as in the contract
+(../shared/GUIDE.md §1), and is itself checked against PyTorch where PyTorch agrees.
+Deliberate differences from PyTorch: the class axis is last; a mean over rows that are all
+ignored is 0 with a zero gradient (PyTorch: NaN); a row whose logits are all -inf has loss
++inf, softmax 0 and a zero gradient (PyTorch: NaN).
+"""
+import numpy as np
+
+
+def as_f64(a):
+    if a is None:
+        return None
+    if hasattr(a, "detach"):  # torch tensor
+        return a.detach().to("cpu").double().numpy()
+    return np.asarray(a).astype(np.float64)
+
+
+def _capped(x, softcap):
+    return x if softcap is None else softcap * np.tanh(x / softcap)
+
+
+def ref_logsumexp(x, axis=-1):
+    x = as_f64(x)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isneginf(m), 0.0, m)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)), axis)
+
+
+def ref_softmax(x, axis=-1):
+    x = as_f64(x)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isneginf(m), 0.0, m)
+    e = np.exp(x - m)
+    s = np.sum(e, axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s > 0, e / np.where(s > 0, s, 1.0), 0.0)
+
+
+def ref_log_softmax(x, axis=-1):
+    x = as_f64(x)
+    return x - np.expand_dims(ref_logsumexp(x, axis), axis)
+
+
+def ref_cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean",
+                      label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=None):
+    """(loss, grad) in float64. ``grad`` is d(sum_i go_i * loss_i)/d logits for 'none',
+    go * dL/dlogits otherwise."""
+    x = as_f64(logits)
+    shape = x.shape
+    n_cls = shape[-1]
+    x2 = x.reshape(-1, n_cls)
+    n = x2.shape[0]
+    z = _capped(x2, softcap)
+    w = np.ones(n_cls) if weight is None else as_f64(weight)
+    eps = float(label_smoothing)
+    lse = ref_logsumexp(z)                        # (n,)
+    p = ref_softmax(z)                            # (n, C)
+    with np.errstate(invalid="ignore"):
+        logp = z - lse[:, None]
+    masked_row = np.isneginf(lse)
+
+    t = np.asarray(target.detach().numpy() if hasattr(target, "detach") else target)
+    if np.issubdtype(t.dtype, np.integer):
+        y = t.reshape(-1).astype(np.int64)
+        kept = y != ignore_index
+        ys = np.where(kept, y, 0)
+        onehot = np.zeros((n, n_cls))
+        onehot[np.arange(n), ys] = 1.0
+        # q: the effective per-class coefficient of -log p, per row
+        q = (1 - eps) * onehot * w[ys][:, None] + (eps / n_cls) * w[None, :]
+        q = q * kept[:, None]
+        den_ce = float(np.sum(w[ys] * kept))
+        den_z = float(np.sum(kept))
+    else:
+        qt = as_f64(target).reshape(-1, n_cls)
+        kept = np.ones(n, dtype=bool)
+        q = w[None, :] * ((1 - eps) * qt + eps / n_cls)
+        den_ce = den_z = float(n)
+
+    with np.errstate(invalid="ignore"):
+        ce = -np.sum(np.where(q == 0, 0.0, q * logp), axis=1)
+    ce = np.where(kept & masked_row, np.inf, ce)
+    zpart = np.where(kept, z_loss * lse ** 2, 0.0)
+    # d ce / dz = p * sum(q) - q ;  d zpart / dz = 2 z lse p
+    gz_ce = p * q.sum(axis=1, keepdims=True) - q
+    gz_z = (2 * z_loss * np.where(masked_row, 0.0, lse))[:, None] * p * kept[:, None]
+    gz_ce = np.where(masked_row[:, None], 0.0, gz_ce)
+
+    if reduction == "mean":
+        a_ce = 0.0 if den_ce == 0 else 1.0 / den_ce
+        a_z = 0.0 if den_z == 0 else 1.0 / den_z
+    else:
+        a_ce = a_z = 1.0
+    rows_loss = ce * a_ce + zpart * a_z
+    if reduction == "none":
+        loss = rows_loss.reshape(shape[:-1])
+        go = np.ones(n) if grad_output is None else np.broadcast_to(as_f64(grad_output), shape[:-1]).reshape(-1)
+    else:
+        loss = np.float64(rows_loss.sum())
+        go = np.full(n, 1.0 if grad_output is None else float(as_f64(grad_output)))
+    gz = go[:, None] * (a_ce * gz_ce + a_z * gz_z)
+    if softcap is not None:
+        gz = gz * (1 - np.tanh(x2 / softcap) ** 2)
+    return loss, gz.reshape(shape)
