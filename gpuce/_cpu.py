@@ -105,10 +105,9 @@ class CpuBackend:
         dest = raw(to_numpy(out), dt)
         direct = _writable_rows(dest, axis)
         if direct is not None and rows.size and np.shares_memory(direct, rows):
-            if direct.ctypes.data == rows.ctypes.data and direct.strides == rows.strides:
-                k["log_softmax_inplace" if log else "softmax_inplace"](direct, 0.0)
-                return out
-            direct = None  # partial overlap: go through a temporary
+            same = direct.ctypes.data == rows.ctypes.data and direct.strides == rows.strides
+            if not same:
+                direct = None  # partial overlap: go through a temporary
         target = direct if direct is not None else np.empty_like(rows)
         self._run_softmax(k, rows, target, log)
         if direct is None:
@@ -118,7 +117,7 @@ class CpuBackend:
     @staticmethod
     def _run_softmax(k, rows, dest_rows, log):
         if rows.size:
-            k["log_softmax" if log else "softmax"](rows, dest_rows, 0.0)
+            k["log_softmax" if log else "softmax"](rows, dest_rows, 0.0, _per_block(rows))
 
     def logsumexp(self, x, axis, dt):
         xr = raw(to_numpy(x), dt)
@@ -126,7 +125,7 @@ class CpuBackend:
         res = np.empty(rows.shape[0], dtype=_ACC[dt])
         if rows.shape[0]:
             if rows.shape[1]:
-                _kernels(dt, None)["logsumexp"](rows, res, 0.0)
+                _kernels(dt, None)["logsumexp"](rows, res, 0.0, _per_block(rows))
             else:
                 res[:] = -np.inf
         shape = np.moveaxis(xr, axis, -1).shape[:-1]
@@ -168,22 +167,23 @@ class CpuBackend:
         grad_rows, finish = self._grad_buffer(req, rows, logits_np)
         loss_rows = np.empty(n_rows, dtype=acc)
         if n_rows:
+            pb = _per_block(rows)
             inplace = grad_rows is rows and req.want_grad and _shares(rows, logits_np)
             if req.soft:
                 if inplace:
                     k["ce_soft_inplace"](rows, q_rows, weight, go, go_step, inv_ce, eps, zl, cap,
-                                         loss_rows)
+                                         loss_rows, pb)
                 else:
                     k["ce_soft"](rows, grad_rows, q_rows, weight, go, go_step, inv_ce, eps, zl,
-                                 cap, loss_rows, req.want_grad)
+                                 cap, loss_rows, req.want_grad, pb)
             else:
                 w_sum = acc(weight.sum(dtype=np.float64))
                 if inplace:
                     k["ce_hard_inplace"](rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z, eps,
-                                         zl, cap, req.ignore_index, loss_rows)
+                                         zl, cap, req.ignore_index, loss_rows, pb)
                 else:
                     k["ce_hard"](rows, grad_rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z,
-                                 eps, zl, cap, req.ignore_index, loss_rows, req.want_grad)
+                                 eps, zl, cap, req.ignore_index, loss_rows, req.want_grad, pb)
         if req.reduction == "none":
             loss = loss_rows.reshape(req.row_shape)
             loss = wrap_loss(req.logits, loss) if _is_cpu_tensor(req.logits) else loss
@@ -227,6 +227,11 @@ class CpuBackend:
             return tmp, copy_out
         grad_np = np.empty(shape, dtype=rows.dtype)
         return grad_np.reshape(rows.shape), lambda: wrap(req.logits, grad_np, dt)
+
+
+def _per_block(rows):
+    from .kernels import cpu
+    return cpu.rows_per_block(rows.shape[1])
 
 
 def _shares(rows, base):

@@ -1,38 +1,59 @@
-"""CPU kernels: @njit(parallel=True) over rows, one specialisation per storage dtype.
+"""CPU kernels: @njit(parallel=True) over blocks of rows, one specialisation per storage dtype.
 
-Each row is read from memory once: pass 1 finds the max, pass 2 sums exp (the row is
-now in cache), pass 3 writes the output. ``make_kernels`` builds the set for one
-storage dtype from its load/store/exp/tanh functions, so every dtype runs the same
-source. Rows are independent; for short rows ``ROWS_PER_TASK`` rows share one task so
-the per-row loop overhead is amortised.
+Each row is read from memory once. Per row: the max (an integer max over order keys of
+the raw words, which vectorises), then e = exp(z - max) written to an fp32/fp64 buffer
+while summing, then the output from e. The e buffer is the output row itself when the
+output has the accumulation dtype, else a per-block scratch, so exp runs once per element.
+
+Short rows (C < SMALL_C) are handled a block at a time: shifted logits of the whole block
+go to the e buffer and one flat loop takes exp over it, so the vector loop is not lost
+to per-row remainders.
+
+``make_kernels`` builds the set for one storage dtype from its load/store/exp/tanh
+functions, so every dtype runs the same source.
 """
 import math
 from functools import lru_cache
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from . import cpu_math as cm
 
+SMALL_C = 64          # below this, exp runs flat over a block of rows
+BLOCK_ELEMS = 16384   # elements per block (one task): the e buffer stays in L2
+
 _TRAITS = {
-    # name: (load, store, exp, tanh, accumulate dtype)
-    "float16": (cm.load_f16, cm.store_f16, cm.exp_nonpos_f32, cm.tanh_f32, np.float32),
-    "bfloat16": (cm.load_bf16, cm.store_bf16, cm.exp_nonpos_f32, cm.tanh_f32, np.float32),
-    "float32": (cm.load_f32, cm.store_f32, cm.exp_nonpos_f32, cm.tanh_f32, np.float32),
-    "float64": (cm.load_f64, cm.store_f64, cm.exp_nonpos_f64, cm.tanh_f64, np.float64),
+    # name: (load, store, exp, tanh, order key, key inverse, accumulate dtype)
+    "float16": (cm.load_f16, cm.store_f16, cm.exp_nonpos_f32, cm.tanh_f32, cm.key_16,
+                cm.unkey_16, np.float32),
+    "bfloat16": (cm.load_bf16, cm.store_bf16, cm.exp_nonpos_f32, cm.tanh_f32, cm.key_16,
+                 cm.unkey_16, np.float32),
+    "float32": (cm.load_f32, cm.store_f32, cm.exp_nonpos_f32, cm.tanh_f32, cm.key_f32,
+                cm.unkey_f32, np.float32),
+    "float64": (cm.load_f64, cm.store_f64, cm.exp_nonpos_f64, cm.tanh_f64, cm.key_f64,
+                cm.unkey_f64, np.float64),
 }
+
+
+def rows_per_block(n_cls):
+    return max(1, BLOCK_ELEMS // max(n_cls, 1))
 
 
 @lru_cache(maxsize=None)
 def make_kernels(dtype_name, softcapped):
     """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in."""
-    load, store, exp, tanh, acc = _TRAITS[dtype_name]
+    load, store, exp, tanh, key, unkey, acc = _TRAITS[dtype_name]
     fm = cm.FASTMATH
     inner = njit(inline="always", fastmath=fm)
     outer = njit(parallel=True, fastmath=fm)
     NEG_INF = acc(-np.inf)
     ZERO = acc(0.0)
     ONE = acc(1.0)
+    # the output row can hold e only when it has the accumulation dtype and e is not
+    # needed after the output is written (softcap needs z again for its chain factor)
+    e_in_out = (dtype_name in ("float32", "float64")) and not softcapped
 
     @inner
     def logit(v, cap):
@@ -42,72 +63,6 @@ def make_kernels(dtype_name, softcapped):
         return z
 
     @inner
-    def row_stats(x, cap):
-        """(max, sum exp(z - max)) of one row; an all -inf row gives (0, 0)."""
-        m = NEG_INF
-        for c in range(x.shape[0]):
-            z = logit(x[c], cap)
-            m = z if z > m else m
-        if m == NEG_INF:
-            m = ZERO
-        s = ZERO
-        for c in range(x.shape[0]):
-            s += exp(logit(x[c], cap) - m)
-        return m, s
-
-    @inner
-    def log_of(s):
-        return acc(math.log(s)) if s > ZERO else NEG_INF
-
-    # ---- softmax / log_softmax / logsumexp -------------------------------------
-
-    @inner
-    def softmax_row(x, out, cap):
-        m, s = row_stats(x, cap)
-        inv = ONE / s if s > ZERO else ZERO
-        for c in range(x.shape[0]):
-            out[c] = store(exp(logit(x[c], cap) - m) * inv)
-
-    @inner
-    def log_softmax_row(x, out, cap):
-        m, s = row_stats(x, cap)
-        lse = m + log_of(s)
-        for c in range(x.shape[0]):
-            out[c] = store(logit(x[c], cap) - lse)
-
-    @outer
-    def softmax(x, out, cap):
-        for i in prange(x.shape[0]):
-            softmax_row(x[i], out[i], cap)
-
-    @outer
-    def softmax_inplace(x, cap):
-        for i in prange(x.shape[0]):
-            softmax_row(x[i], x[i], cap)
-
-    @outer
-    def log_softmax(x, out, cap):
-        for i in prange(x.shape[0]):
-            log_softmax_row(x[i], out[i], cap)
-
-    @outer
-    def log_softmax_inplace(x, cap):
-        for i in prange(x.shape[0]):
-            log_softmax_row(x[i], x[i], cap)
-
-    @outer
-    def logsumexp(x, out, cap):
-        for i in prange(x.shape[0]):
-            m, s = row_stats(x[i], cap)
-            out[i] = m + log_of(s)
-
-    # ---- cross entropy ---------------------------------------------------------
-    # Row loss (hard target y, smoothing e, weights w, W = sum w):
-    #   (1-e) w_y (lse - z_y) + (e/C)(W lse - sum_c w_c z_c) + zl lse^2
-    # Gradient wrt z: a_ce [K p_c - (e/C) w_c - (1-e) w_y [c==y]] + a_z 2 zl lse p_c,
-    #   K = (1-e) w_y + (e/C) W; chained through softcap by (1 - (z/cap)^2).
-
-    @inner
     def grad_factor(z, cap):
         if softcapped:
             t = z / cap
@@ -115,13 +70,143 @@ def make_kernels(dtype_name, softcapped):
         return ONE
 
     @inner
-    def ce_hard_row(x, g, y, w, w_sum, a_ce, a_z, eps, zl, cap, write_grad):
+    def row_max(x, cap):
+        """max z over the row (0 for an all -inf row); tanh is monotone, so max the raw words."""
+        k = key(x[0])
+        for c in range(1, x.shape[0]):
+            kc = key(x[c])
+            k = kc if kc > k else k
+        m = logit(unkey(k), cap)
+        return ZERO if m == NEG_INF else m
+
+    @inner
+    def exp_row(x, e, m, cap):
+        """e = exp(z - m), returning its sum (rows of C >= SMALL_C)."""
+        s = ZERO
+        for c in range(x.shape[0]):
+            v = exp(logit(x[c], cap) - m)
+            e[c] = v
+            s += v
+        return s
+
+    @inner
+    def block_stats(x, e, m, s, r0, r1, cap):
+        """m[r], s[r] for rows r0..r1 of x; e[r - r0] = exp(z - m)."""
+        n_cls = x.shape[1]
+        if n_cls >= SMALL_C:
+            for r in range(r0, r1):
+                m[r - r0] = row_max(x[r], cap)
+                s[r - r0] = exp_row(x[r], e[r - r0], m[r - r0], cap)
+        else:
+            for r in range(r0, r1):
+                mr = row_max(x[r], cap)
+                m[r - r0] = mr
+                xr = x[r]
+                er = e[r - r0]
+                for c in range(n_cls):
+                    er[c] = logit(xr[c], cap) - mr
+            flat = e[: r1 - r0].reshape(-1)
+            for k in range(flat.shape[0]):  # one long vector loop over the block
+                flat[k] = exp(flat[k])
+            for r in range(r0, r1):
+                er = e[r - r0]
+                sr = ZERO
+                for c in range(n_cls):
+                    sr += er[c]
+                s[r - r0] = sr
+
+    @inner
+    def new_scratch(per_block, n_cls):
+        # one e buffer per thread, allocated once per call: a fresh buffer per block would
+        # cost a malloc (an mmap and page faults for long rows) every few rows
+        return np.empty((numba.get_num_threads(), per_block, n_cls), dtype=acc)
+
+    @inner
+    def scratch_rows(scratch, r0, r1):
+        return scratch[numba.get_thread_id()][: r1 - r0]
+
+    @inner
+    def e_buffer(out, scratch, r0, r1):
+        if e_in_out and out.shape[0] > 0:
+            return out[r0:r1]
+        return scratch_rows(scratch, r0, r1)
+
+    @inner
+    def block_bounds(b, n_rows, per_block):
+        r0 = b * per_block
+        return r0, min(r0 + per_block, n_rows)
+
+    @inner
+    def log_of(s):
+        return acc(math.log(s)) if s > ZERO else NEG_INF
+
+    # ---- softmax / log_softmax / logsumexp -------------------------------------
+
+    @outer
+    def softmax(x, out, cap, per_block):
+        n_rows, n_cls = x.shape
+        scratch = new_scratch(per_block, n_cls)
+        for b in prange((n_rows + per_block - 1) // per_block):
+            r0, r1 = block_bounds(b, n_rows, per_block)
+            e = e_buffer(out, scratch, r0, r1)
+            m = np.empty(r1 - r0, dtype=acc)
+            s = np.empty(r1 - r0, dtype=acc)
+            block_stats(x, e, m, s, r0, r1, cap)
+            for r in range(r0, r1):
+                inv = ONE / s[r - r0] if s[r - r0] > ZERO else ZERO
+                er = e[r - r0]
+                o = er if e_in_out else out[r]  # one name when e is the output row
+                for c in range(n_cls):
+                    o[c] = store(er[c] * inv)
+
+    @outer
+    def log_softmax(x, out, cap, per_block):
+        n_rows, n_cls = x.shape
+        scratch = new_scratch(per_block, n_cls)
+        for b in prange((n_rows + per_block - 1) // per_block):
+            r0, r1 = block_bounds(b, n_rows, per_block)
+            e = scratch_rows(scratch, r0, r1)
+            m = np.empty(r1 - r0, dtype=acc)
+            s = np.empty(r1 - r0, dtype=acc)
+            block_stats(x, e, m, s, r0, r1, cap)
+            for r in range(r0, r1):
+                lse = m[r - r0] + log_of(s[r - r0])
+                xr = x[r]
+                o = out[r]
+                for c in range(n_cls):
+                    o[c] = store(logit(xr[c], cap) - lse)
+
+    @outer
+    def logsumexp(x, out, cap, per_block):
+        n_rows, n_cls = x.shape
+        scratch = new_scratch(per_block, n_cls)
+        for b in prange((n_rows + per_block - 1) // per_block):
+            r0, r1 = block_bounds(b, n_rows, per_block)
+            e = scratch_rows(scratch, r0, r1)
+            m = np.empty(r1 - r0, dtype=acc)
+            s = np.empty(r1 - r0, dtype=acc)
+            block_stats(x, e, m, s, r0, r1, cap)
+            for r in range(r0, r1):
+                out[r] = m[r - r0] + log_of(s[r - r0])
+
+    # ---- cross entropy ---------------------------------------------------------
+    # Row loss (hard target y, smoothing eps, weights w, W = sum w):
+    #   (1-eps) w_y (lse - z_y) + (eps/C)(W lse - sum_c w_c z_c) + zl lse^2
+    # Gradient wrt z: a_ce [K p_c - (eps/C) w_c - (1-eps) w_y [c==y]] + a_z 2 zl lse p_c,
+    #   K = (1-eps) w_y + (eps/C) W; chained through softcap by (1 - (z/cap)^2).
+
+    @inner
+    def zero_row(g):
+        for c in range(g.shape[0]):
+            g[c] = store(ZERO)
+
+    @inner
+    def ce_hard_row(x, e, g, m, s, y, w, w_sum, a_ce, a_z, eps, zl, cap, write_grad):
+        """(CE part, lse) of one kept row; writes its gradient row from e."""
         n_cls = x.shape[0]
-        m, s = row_stats(x, cap)
         if s == ZERO:  # every logit is -inf: the loss is +inf, nothing can move it
             if write_grad:
-                for c in range(n_cls):
-                    g[c] = store(ZERO)
+                zero_row(g)
             return acc(np.inf), NEG_INF
         lse = m + acc(math.log(s))
         w_y = w[y]
@@ -136,55 +221,75 @@ def make_kernels(dtype_name, softcapped):
         if write_grad:
             k_p = (a_ce * ((ONE - eps) * w_y + smooth * w_sum) + a_z * acc(2.0) * zl * lse) / s
             k_w = a_ce * smooth
-            if eps > ZERO:
+            e_y = e[y]
+            if softcapped:
                 for c in range(n_cls):
-                    z = logit(x[c], cap)
-                    g[c] = store((k_p * exp(z - m) - k_w * w[c]) * grad_factor(z, cap))
+                    g[c] = store((k_p * e[c] - k_w * w[c]) * grad_factor(logit(x[c], cap), cap))
+            elif eps > ZERO:
+                for c in range(n_cls):
+                    g[c] = store(k_p * e[c] - k_w * w[c])
             else:
                 for c in range(n_cls):
-                    z = logit(x[c], cap)
-                    g[c] = store(k_p * exp(z - m) * grad_factor(z, cap))
+                    g[c] = store(k_p * e[c])
             # target element from fp32 values, rounded once (p - 1 before bf16/fp16)
-            g[y] = store((k_p * exp(z_y - m) - k_w * w_y - a_ce * (ONE - eps) * w_y)
-                         * grad_factor(z_y, cap))
+            g[y] = store((k_p * e_y - k_w * w_y - a_ce * (ONE - eps) * w_y) * grad_factor(z_y, cap))
         return loss, lse
 
-    @inner
-    def ce_hard_rows(x, g, tgt, w, w_sum, go, go_step, inv_den_ce, inv_den_z, eps, zl, cap,
-                     ignore_index, loss_out, write_grad, i):
-        y = tgt[i]
-        if y == ignore_index:
-            loss_out[i] = ZERO
-            if write_grad:
-                for c in range(x.shape[1]):
-                    g[i, c] = store(ZERO)
-            return
-        scale = go[i * go_step]
-        ce, lse = ce_hard_row(x[i], g[i], y, w, w_sum, scale * inv_den_ce,
-                              scale * inv_den_z, eps, zl, cap, write_grad)
-        loss_out[i] = ce * inv_den_ce + zl * lse * lse * inv_den_z
+    def make_ce_hard_block(grad_in_e):
+        # grad_in_e: the gradient rows are the e rows; passing one name keeps loops vectorised
+        @inner
+        def ce_hard_block(x, g, e, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
+                          cap, ignore_index, loss_out, write_grad):
+            m = np.empty(r1 - r0, dtype=acc)
+            s = np.empty(r1 - r0, dtype=acc)
+            block_stats(x, e, m, s, r0, r1, cap)
+            for r in range(r0, r1):
+                gr = e[r - r0] if grad_in_e else g[r]
+                y = tgt[r]
+                if y == ignore_index:
+                    loss_out[r] = ZERO
+                    if write_grad:
+                        zero_row(gr)
+                    continue
+                scale = go[r * go_step]
+                ce, lse = ce_hard_row(x[r], e[r - r0], gr, m[r - r0], s[r - r0], y, w, w_sum,
+                                      scale * inv_ce, scale * inv_z, eps, zl, cap, write_grad)
+                loss_out[r] = ce * inv_ce + zl * lse * lse * inv_z
+        return ce_hard_block
+
+    ce_hard_block = make_ce_hard_block(e_in_out)
+    ce_hard_block_inplace = make_ce_hard_block(False)
 
     @outer
-    def ce_hard(x, g, tgt, w, w_sum, go, go_step, inv_den_ce, inv_den_z, eps, zl, cap,
-                ignore_index, loss_out, write_grad):
-        for i in prange(x.shape[0]):
-            ce_hard_rows(x, g, tgt, w, w_sum, go, go_step, inv_den_ce, inv_den_z, eps, zl, cap,
-                         ignore_index, loss_out, write_grad, i)
+    def ce_hard(x, g, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, ignore_index,
+                loss_out, write_grad, per_block):
+        n_rows, n_cls = x.shape
+        scratch = new_scratch(per_block, n_cls)
+        for b in prange((n_rows + per_block - 1) // per_block):
+            r0, r1 = block_bounds(b, n_rows, per_block)
+            e = e_buffer(g, scratch, r0, r1) if write_grad else scratch_rows(scratch, r0, r1)
+            ce_hard_block(x, g, e, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
+                          cap, ignore_index, loss_out, write_grad)
 
     @outer
-    def ce_hard_inplace(x, tgt, w, w_sum, go, go_step, inv_den_ce, inv_den_z, eps, zl, cap,
-                        ignore_index, loss_out):
-        for i in prange(x.shape[0]):
-            ce_hard_rows(x, x, tgt, w, w_sum, go, go_step, inv_den_ce, inv_den_z, eps, zl, cap,
-                         ignore_index, loss_out, True, i)
+    def ce_hard_inplace(x, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap,
+                        ignore_index, loss_out, per_block):
+        # x is read through the same name it is written through, so loops stay vectorised;
+        # z_y and the smoothing sum are read before the row is overwritten.
+        n_rows, n_cls = x.shape
+        scratch = new_scratch(per_block, n_cls)
+        for b in prange((n_rows + per_block - 1) // per_block):
+            r0, r1 = block_bounds(b, n_rows, per_block)
+            e = scratch_rows(scratch, r0, r1)
+            ce_hard_block_inplace(x, x, e, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
+                          cap, ignore_index, loss_out, True)
 
-    # Soft targets q (already in the logits' storage dtype), q' = (1-e) q + e/C:
+    # Soft targets q (already in the logits' storage dtype), q' = (1-eps) q + eps/C:
     #   loss = Q lse - sum_c w_c q'_c z_c with Q = sum_c w_c q'_c;  grad = Q p_c - w_c q'_c.
 
     @inner
-    def ce_soft_row(x, q, g, w, a_ce, a_z, eps, zl, cap, write_grad):
+    def ce_soft_row(x, e, q, g, m, s, w, a, eps, zl, cap, write_grad):
         n_cls = x.shape[0]
-        m, s = row_stats(x, cap)
         smooth = eps / acc(n_cls)
         keep = ONE - eps
         big_q = ZERO
@@ -192,39 +297,59 @@ def make_kernels(dtype_name, softcapped):
         for c in range(n_cls):
             wq = w[c] * (keep * load(q[c]) + smooth)
             big_q += wq
-            qz += ZERO if wq == ZERO else wq * logit(x[c], cap)  # 0 * -inf is 0 here
+            qz += ZERO if wq == ZERO else wq * logit(x[c], cap)  # 0 * -inf counts as 0
         if s == ZERO:
             if write_grad:
-                for c in range(n_cls):
-                    g[c] = store(ZERO)
+                zero_row(g)
             return acc(np.inf), NEG_INF
         lse = m + acc(math.log(s))
         if write_grad:
-            k_p = (a_ce * big_q + a_z * acc(2.0) * zl * lse) / s
+            k_p = (a * big_q + a * acc(2.0) * zl * lse) / s
             for c in range(n_cls):
-                z = logit(x[c], cap)
                 wq = w[c] * (keep * load(q[c]) + smooth)
-                g[c] = store((k_p * exp(z - m) - a_ce * wq) * grad_factor(z, cap))
+                g[c] = store((k_p * e[c] - a * wq) * grad_factor(logit(x[c], cap), cap))
         return big_q * lse - qz, lse
 
-    @outer
-    def ce_soft(x, g, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, write_grad):
-        for i in prange(x.shape[0]):
-            a = go[i * go_step] * inv_den
-            ce, lse = ce_soft_row(x[i], q[i], g[i], w, a, a, eps, zl, cap, write_grad)
-            loss_out[i] = (ce + zl * lse * lse) * inv_den
+    def make_ce_soft_block(grad_in_e):
+        @inner
+        def ce_soft_block(x, g, e, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
+                          write_grad):
+            m = np.empty(r1 - r0, dtype=acc)
+            s = np.empty(r1 - r0, dtype=acc)
+            block_stats(x, e, m, s, r0, r1, cap)
+            for r in range(r0, r1):
+                gr = e[r - r0] if grad_in_e else g[r]
+                a = go[r * go_step] * inv_den
+                ce, lse = ce_soft_row(x[r], e[r - r0], q[r], gr, m[r - r0], s[r - r0], w, a,
+                                      eps, zl, cap, write_grad)
+                loss_out[r] = (ce + zl * lse * lse) * inv_den
+        return ce_soft_block
+
+    ce_soft_block = make_ce_soft_block(e_in_out)
+    ce_soft_block_inplace = make_ce_soft_block(False)
 
     @outer
-    def ce_soft_inplace(x, q, w, go, go_step, inv_den, eps, zl, cap, loss_out):
-        for i in prange(x.shape[0]):
-            a = go[i * go_step] * inv_den
-            ce, lse = ce_soft_row(x[i], q[i], x[i], w, a, a, eps, zl, cap, True)
-            loss_out[i] = (ce + zl * lse * lse) * inv_den
+    def ce_soft(x, g, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, write_grad, per_block):
+        n_rows, n_cls = x.shape
+        scratch = new_scratch(per_block, n_cls)
+        for b in prange((n_rows + per_block - 1) // per_block):
+            r0, r1 = block_bounds(b, n_rows, per_block)
+            e = e_buffer(g, scratch, r0, r1) if write_grad else scratch_rows(scratch, r0, r1)
+            ce_soft_block(x, g, e, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
+                          write_grad)
+
+    @outer
+    def ce_soft_inplace(x, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, per_block):
+        n_rows, n_cls = x.shape
+        scratch = new_scratch(per_block, n_cls)
+        for b in prange((n_rows + per_block - 1) // per_block):
+            r0, r1 = block_bounds(b, n_rows, per_block)
+            e = scratch_rows(scratch, r0, r1)
+            ce_soft_block_inplace(x, x, e, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
+                          True)
 
     return {
-        "softmax": softmax, "softmax_inplace": softmax_inplace,
-        "log_softmax": log_softmax, "log_softmax_inplace": log_softmax_inplace,
-        "logsumexp": logsumexp,
+        "softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp,
         "ce_hard": ce_hard, "ce_hard_inplace": ce_hard_inplace,
         "ce_soft": ce_soft, "ce_soft_inplace": ce_soft_inplace,
     }

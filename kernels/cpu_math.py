@@ -13,7 +13,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: -inf masks are legal
-jit = njit(inline="never", fastmath=FASTMATH, cache=True)
+jit = njit(inline="never", fastmath=FASTMATH)
 
 
 @intrinsic
@@ -42,6 +42,16 @@ def _f32_to_bits(typingctx, value):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _f64_to_bits(typingctx, value):
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
 
     return sig, codegen
 
@@ -115,6 +125,77 @@ def store_f64(v):
     return np.float64(v)
 
 
+# ---- order keys: the row max as an integer max, which vectorises without fast-math ----
+# Flipping the magnitude bits of negative floats makes signed-integer order equal float
+# order (-inf lowest, +NaN above +inf), so the max is found on the raw storage words.
+# Written as LLVM IR so the integers stay 32-bit (numba would widen them to 64).
+
+def _flip(builder, bits, width):
+    sign = builder.ashr(bits, ir.Constant(bits.type, width - 1))
+    mask = builder.and_(sign, ir.Constant(bits.type, (1 << (width - 1)) - 1))
+    return builder.xor(bits, mask)
+
+
+def _key_intrinsic(arg_type, ret_type, to_bits):
+    @intrinsic
+    def key(typingctx, value):
+        def codegen(context, builder, signature, args):
+            bits, width = to_bits(builder, args[0])
+            return _flip(builder, bits, width)
+        return ret_type(arg_type), codegen
+    return key
+
+
+key_f32 = _key_intrinsic(types.float32, types.int32,
+                         lambda b, v: (b.bitcast(v, ir.IntType(32)), 32))
+key_f64 = _key_intrinsic(types.float64, types.int64,
+                         lambda b, v: (b.bitcast(v, ir.IntType(64)), 64))
+key_16 = _key_intrinsic(types.uint16, types.int32,
+                        lambda b, v: (b.sext(v, ir.IntType(32)), 16))
+
+
+@intrinsic
+def unkey_f32(typingctx, k):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(_flip(builder, args[0], 32), ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def unkey_f64(typingctx, k):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(_flip(builder, args[0], 64), ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def unkey_16(typingctx, k):
+    def codegen(context, builder, signature, args):
+        return builder.trunc(_flip(builder, args[0], 16), ir.IntType(16))
+    return types.uint16(types.int32), codegen
+
+
+@intrinsic
+def _pow2_f32(typingctx, n):
+    """2**n for an integral float n in [-127, 127] (-127 gives 0) by building the exponent."""
+    def codegen(context, builder, signature, args):
+        i = builder.fptosi(args[0], ir.IntType(32))
+        i = builder.add(i, ir.Constant(ir.IntType(32), 127))
+        i = builder.shl(i, ir.Constant(ir.IntType(32), 23))
+        return builder.bitcast(i, ir.FloatType())
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
+def _pow2_f64(typingctx, n):
+    def codegen(context, builder, signature, args):
+        i = builder.fptosi(args[0], ir.IntType(64))
+        i = builder.add(i, ir.Constant(ir.IntType(64), 1023))
+        i = builder.shl(i, ir.Constant(ir.IntType(64), 52))
+        return builder.bitcast(i, ir.DoubleType())
+    return types.float64(types.float64), codegen
+
+
 # ---- exp for arguments <= 0 (every softmax exponent is x - max) -------------------
 
 _LN2_HI32 = np.float32(0.693145751953125)
@@ -128,7 +209,7 @@ def exp_nonpos_f32(x):
     x = np.float32(x)
     lo = np.float32(-87.33)
     xc = lo if x < lo else x  # clamps -inf into range for the bit trick; NaN stays NaN
-    n = np.float32(math.floor(xc * _LOG2E32 + np.float32(0.5)))
+    n = np.rint(xc * _LOG2E32)
     r = xc - n * _LN2_HI32
     r = r - n * _LN2_LO32
     # Taylor of e^r on |r| <= ln2/2, degree 7: truncation < 6e-9 relative
@@ -140,7 +221,7 @@ def exp_nonpos_f32(x):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    scale = _bits_to_f32((np.int32(n) + np.int32(127)) << 23)
+    scale = _pow2_f32(n)
     return np.float32(0.0) if x < lo else p * scale
 
 
@@ -154,7 +235,7 @@ def exp_nonpos_f64(x):
     """exp(x) for x <= 0 in float64, ~1 ulp; exactly 0 below -708 and for -inf."""
     x = np.float64(x)
     xc = -708.0 if x < -708.0 else x
-    n = math.floor(xc * _LOG2E64 + 0.5)
+    n = np.rint(xc * _LOG2E64)
     r = xc - n * _LN2_HI64
     r = r - n * _LN2_LO64
     # Taylor degree 13 on |r| <= ln2/2: truncation < 1e-17 relative
@@ -172,7 +253,7 @@ def exp_nonpos_f64(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    scale = _bits_to_f64((np.int64(n) + np.int64(1023)) << 52)
+    scale = _pow2_f64(n)
     return 0.0 if x < -708.0 else p * scale
 
 

@@ -1,0 +1,329 @@
+"""PyTorch integration: gpuce's fused cross-entropy as an autograd-aware, compile-friendly op.
+
+``import gpuce.torch`` (``import gpuce`` alone never imports torch)::
+
+    import gpuce.torch as gt
+    loss = gt.cross_entropy(logits, target)          # like F.cross_entropy, class axis last
+    loss.backward()
+
+    criterion = gt.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4)
+
+How it works
+------------
+The forward runs gpuce's fused kernel, which produces the loss *and* the gradient with
+respect to the logits in one pass over them; the gradient is saved for the backward, which
+only scales it by ``grad_output``. The kernels run behind ``torch.library.custom_op``
+operators, so ``torch.compile`` (``fullgraph=True`` included) treats them as opaque calls
+with a fake (meta) implementation and never breaks the graph:
+
+- ``gpuce::cross_entropy_fwd``   (logits, target, ...) -> (loss, grad)   the training op
+- ``gpuce::cross_entropy``       (logits, target, ...) -> loss           no gradient wanted
+- ``gpuce::cross_entropy_fwd_``  mutates logits into the gradient, -> loss  (inplace=True)
+- ``gpuce::scale_grad``          (grad, grad_output) -> grad * grad_output   the backward
+
+Differences from ``torch.nn.functional.cross_entropy``
+------------------------------------------------------
+- The class axis is *last*: logits ``(..., C)``, class-index targets ``logits.shape[:-1]``
+  or probability targets ``logits.shape``. (PyTorch puts classes on axis 1 for
+  ``(N, C, d1, ...)``; use ``logits.movedim(1, -1)`` to convert.)
+- The loss is float32 for float16/bfloat16/float32 logits, float64 for float64 logits:
+  it is accumulated in fp32 and not rounded back to a half type. PyTorch returns the
+  logits' dtype (except under autocast, where its cross entropy runs in fp32, as here).
+  ``loss.to(logits.dtype)`` gives PyTorch's dtype. The gradient has the logits' dtype.
+- A mean over rows that are all ``ignore_index`` is 0.0 with a zero gradient (PyTorch: NaN).
+- ``z_loss`` and ``softcap`` are extra options (see ``gpuce.cross_entropy``).
+- Gradients flow to the logits only. A ``weight`` or probability ``target`` that requires
+  grad is refused with a ValueError rather than silently getting no gradient.
+- It is differentiable once: differentiating the gradient again (double backward, e.g. a
+  gradient penalty built with ``create_graph=True``) raises a RuntimeError.
+
+``inplace=True``
+----------------
+The gradient is written into the logits' own memory during the forward, so no gradient
+buffer is allocated; the logits tensor then holds d(loss)/d(logits) (unscaled), and autograd
+is told (``ctx.mark_dirty``). This is safe only when nothing else needs the logits' values:
+- logits that are a leaf requiring grad are refused (ValueError);
+- if another op saved the logits for its own backward (e.g. ``logits = torch.tanh(h)``, or
+  the logits were also fed to another differentiable op), PyTorch's version counter raises
+  "one of the variables needed for gradient computation has been modified by an inplace
+  operation" at backward, instead of computing a wrong gradient;
+- using the overwritten logits in later differentiable computation raises at backward.
+When no gradient is needed (``torch.no_grad()``, or logits that don't require grad) the
+logits are left untouched and only the loss is computed. Under ``torch.compile``,
+``inplace=True`` runs the functional op and leaves the logits untouched (a mutation inside a
+compiled graph would be functionalised into a copy anyway). So the logits' contents after an
+``inplace=True`` call are unspecified: never read them.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+import gpuce
+
+__all__ = ["cross_entropy", "CrossEntropyLoss"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _loss_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _fake_loss(logits, reduction):
+    shape = tuple(logits.shape[:-1]) if reduction == "none" else ()
+    return logits.new_empty(shape, dtype=_loss_dtype(logits))
+
+
+def _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, want_grad, inplace=False):
+    """The shape/dtype checks of the real call, for fake tensors (torch.compile tracing)."""
+    from gpuce import _checks
+    _checks.check_cross_entropy(logits, target, weight, ignore_index, reduction,
+                                label_smoothing, z_loss, softcap, None, want_grad,
+                                inplace=inplace)
+    for name, t in (("target", target), ("weight", weight)):
+        if t is not None and t.device != logits.device:
+            raise TypeError(f"{name}: is on a different device than the logits "
+                            f"({t.device} vs {logits.device})")
+
+
+def _contiguous(t):
+    return t if t.is_contiguous() else t.contiguous()
+
+
+# ---- the operators --------------------------------------------------------------------
+
+@torch.library.custom_op("gpuce::cross_entropy_fwd", mutates_args=())
+def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+            reduction: str, label_smoothing: float, z_loss: float,
+            softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+    loss, grad = gpuce.cross_entropy_with_grad(
+        logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return loss, _contiguous(grad)
+
+
+@_ce_fwd.register_fake
+def _ce_fwd_fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                 softcap):
+    _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, True)
+    return _fake_loss(logits, reduction), torch.empty_like(logits,
+                                                           memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("gpuce::cross_entropy", mutates_args=())
+def _ce_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+             reduction: str, label_smoothing: float, z_loss: float,
+             softcap: Optional[float]) -> Tensor:
+    return gpuce.cross_entropy(
+        logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+
+
+@_ce_loss.register_fake
+def _ce_loss_fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                  softcap):
+    _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, False)
+    return _fake_loss(logits, reduction)
+
+
+@torch.library.custom_op("gpuce::cross_entropy_fwd_", mutates_args=("logits",))
+def _ce_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+                    softcap: Optional[float]) -> Tensor:
+    loss, _ = gpuce.cross_entropy_with_grad(
+        logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, inplace=True)
+    return loss
+
+
+@_ce_fwd_inplace.register_fake
+def _ce_fwd_inplace_fake(logits, target, weight, ignore_index, reduction, label_smoothing,
+                         z_loss, softcap):
+    _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, True, inplace=True)
+    return _fake_loss(logits, reduction)
+
+
+@torch.library.custom_op("gpuce::scale_grad", mutates_args=())
+def _scale_grad(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """grad * grad_output, broadcast over the class axis, rounded once to grad's dtype.
+
+    grad_output is a scalar (mean/sum) or has the row shape (none). The product is formed
+    in the wider dtype (fp32 loss gradients stay fp32 until the store), so a large
+    GradScaler factor does not overflow a half-precision grad_output on the way.
+    """
+    out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+    go = grad_output.reshape(tuple(grad_output.shape) + (1,) * (grad.dim() - grad_output.dim()))
+    if go.dim() == 0:  # 0-d logits cannot occur; keep the product well defined anyway
+        go = go.reshape(1)
+    torch.mul(grad, go, out=out)
+    return out
+
+
+@_scale_grad.register_fake
+def _scale_grad_fake(grad, grad_output):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+_DOUBLE_BACKWARD = (
+    "gpuce.torch.cross_entropy is differentiable only once: its backward scales a gradient "
+    "that the forward already computed, and that gradient has no derivative here. A second "
+    "derivative (double backward, e.g. a gradient penalty through torch.autograd.grad(..., "
+    "create_graph=True)) is not supported; use torch.nn.functional.cross_entropy for it.")
+
+
+def _scale_grad_backward(ctx, _):
+    raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+_scale_grad.register_autograd(_scale_grad_backward)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.set_materialize_grads(False)
+
+
+def _fwd_backward(ctx, grad_loss, grad_grad):
+    if grad_grad is not None:
+        raise RuntimeError("gpuce::cross_entropy_fwd: its gradient output cannot be "
+                           "differentiated. " + _DOUBLE_BACKWARD)
+    if grad_loss is None:
+        return (None,) * 8
+    (grad,) = ctx.saved_tensors
+    return (_scale_grad(grad, grad_loss),) + (None,) * 7
+
+
+_ce_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+class _InplaceCrossEntropy(torch.autograd.Function):
+    """Writes the gradient into the logits (mark_dirty) and scales it in the backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap):
+        loss = _ce_fwd_inplace(logits, target, weight, ignore_index, reduction,
+                               label_smoothing, z_loss, softcap)
+        ctx.mark_dirty(logits)
+        ctx.save_for_backward(logits)
+        ctx.set_materialize_grads(False)
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logits):
+        if grad_logits is not None:
+            raise RuntimeError(
+                "gpuce.torch.cross_entropy(inplace=True) overwrote the logits with the "
+                "gradient, so they cannot be used in later differentiable computation; "
+                "use inplace=False, or use the logits before calling it")
+        if grad_loss is None:
+            return (None,) * 8
+        (grad,) = ctx.saved_tensors
+        return (_scale_grad(grad, grad_loss),) + (None,) * 7
+
+
+# ---- public API -----------------------------------------------------------------------
+
+def _check_options(reduction, label_smoothing, z_loss, softcap, ignore_index):
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: {reduction!r} is not one of {_REDUCTIONS}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: {label_smoothing} is outside [0, 1]")
+    z_loss = float(z_loss)
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss: {z_loss} must be >= 0")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not softcap > 0.0:
+            raise ValueError(f"softcap: {softcap} must be > 0 or None")
+    return label_smoothing, z_loss, softcap
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                  softcap: Optional[float] = None, inplace: bool = False) -> Tensor:
+    """Cross-entropy loss of ``input`` (..., C) -- class axis last -- against ``target``.
+
+    Arguments follow ``torch.nn.functional.cross_entropy`` (``weight``, ``ignore_index``,
+    ``reduction``, ``label_smoothing``); ``target`` holds class indices of shape
+    ``input.shape[:-1]`` or class probabilities of shape ``input.shape``.
+
+    z_loss : float >= 0 -- adds ``z_loss * logsumexp(row)**2`` per kept row.
+    softcap : float > 0 or None -- the logits become ``softcap * tanh(input / softcap)``.
+    inplace : write the gradient into ``input``'s memory (see the module docstring).
+
+    Returns a 0-d tensor for 'mean'/'sum', a ``input.shape[:-1]`` tensor for 'none';
+    float32 (float64 for float64 input). Works on CPU and CUDA tensors in float16, bfloat16,
+    float32 and float64, under autograd and ``torch.compile``.
+    """
+    label_smoothing, z_loss, softcap = _check_options(reduction, label_smoothing, z_loss,
+                                                      softcap, ignore_index)
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("gpuce.torch.cross_entropy: input and target must be torch tensors")
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode:
+        for name, t in (("target", target), ("weight", weight)):
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"{name}: requires grad, but gpuce.torch.cross_entropy differentiates "
+                    f"only with respect to the input (logits); pass {name}.detach()")
+    args = (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if not (grad_mode and input.requires_grad):
+        return _ce_loss(input, *args)
+    if inplace and not torch.compiler.is_compiling():
+        if input.is_leaf:
+            raise ValueError(
+                "inplace=True: the input is a leaf tensor that requires grad; overwriting it "
+                "with the gradient would destroy it. Use inplace=False")
+        loss, _ = _InplaceCrossEntropy.apply(input, *args)
+        return loss
+    loss, _ = _ce_fwd(input, *args)
+    return loss
+
+
+class CrossEntropyLoss(nn.Module):
+    """``torch.nn.CrossEntropyLoss`` on gpuce's fused kernel, class axis last.
+
+    Arguments: ``weight``, ``ignore_index``, ``reduction``, ``label_smoothing`` as in
+    PyTorch, plus ``z_loss``, ``softcap`` and ``inplace`` (see :func:`cross_entropy`).
+    ``weight`` is registered as a buffer, so ``.to(device)`` moves it with the module.
+    """
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 z_loss: float = 0.0, softcap: Optional[float] = None,
+                 inplace: bool = False):
+        super().__init__()
+        self.label_smoothing, self.z_loss, self.softcap = _check_options(
+            reduction, label_smoothing, z_loss, softcap, ignore_index)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.inplace = bool(inplace)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                             self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                             inplace=self.inplace)
+
+    def extra_repr(self):
+        parts = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap}")
+        if self.inplace:
+            parts.append("inplace=True")
+        return ", ".join(parts)

@@ -1,0 +1,464 @@
+"""Fused cross-entropy (loss and gradient in one launch) on the GPU, one kernel per strategy.
+
+Every strategy covers every feature (weights, smoothing, ignore_index, z_loss, softcap, soft
+targets, grad_output, writing the gradient into the logits), through the shared device
+functions of cuda_rowmath and the reductions of cuda_reduce. Rows are ``n_cls`` contiguous
+storage elements; row ``r`` starts at the 64-bit offset ``r * n_cls``.
+
+Strategies, by row length:
+  warp          ``tpr`` lanes (a power of two <= 32) own a row, held in registers (VPT per
+                lane), read once; several rows per warp and per block.
+  block_cached  a block owns a row, cached in dynamic shared memory, read once.
+  block         a block owns a row of any length: an online (max, sum) sweep, then a
+                gradient sweep (the row is read twice).
+  split         ``n_split`` blocks share a row: ``ce_split_partial`` writes one (m, s, Q, qz)
+                per chunk, ``ce_split_finish`` merges them in a fixed order (deterministic)
+                and writes the chunk's gradient.
+
+Kernel arguments (the same order everywhere; unused arrays get a harmless stand-in):
+    x, g, q: logits, gradient, soft targets (storage dtype); tgt: int64 class indices;
+    w, go, loss, st: weights, grad_output, per-row losses, device-computed [1/den_ce, 1/den_z]
+    (accumulator dtype); n_rows, n_cls, ignore_index, soft, weighted, write_grad, go_mode,
+    use_st (int64); eps, zl, cap, go_scalar, inv_ce, inv_z (accumulator); then the
+    strategy's own integer (tpr, n_split or 0).
+
+Also here: the tiny helpers the host launches around them (mean divisors, the deterministic
+sum of row losses, target validation, dtype conversion).
+"""
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda, types
+
+from .cuda_dtypes import DTYPES, array, traits
+from .cuda_reduce import reductions
+from .cuda_rowmath import ACTIVE, IDLE, rowmath
+
+U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
+WARP_BLOCK = 256   # threads per block of the warp strategy (launch bound)
+MAX_BLOCK = 512    # most threads per block of the block strategies (launch bound)
+
+
+WARP_SHAPES = {  # strategy -> (lanes per row, logits per lane held in registers)
+    "warp": (32, 16),
+    "warp_narrow": (4, 8),   # C <= 32: eight rows per warp, enough bytes in flight
+}
+
+
+def warp_shape(strategy, dt):
+    """(lanes per row, values per lane) of a warp kernel; float64 holds half as many."""
+    tpr, vpt = WARP_SHAPES[strategy]
+    return tpr, (vpt // 2 if dt == "float64" else vpt)
+
+
+def warp_capacity(strategy, dt):
+    tpr, vpt = warp_shape(strategy, dt)
+    return tpr * vpt
+
+
+def ce_signature(dt, kind):
+    T = traits(dt)
+    st, acc = array(T.storage), array(T.acc)
+    i64, a = types.int64, T.acc
+    if kind == "split_partial":
+        return types.void(st, st, array(i64), acc, acc, i64, i64, i64, i64, i64, a, a, i64)
+    head = (st, st, st, array(i64), acc, acc, acc, acc)
+    if kind == "split_finish":
+        head = head + (acc,)
+    return types.void(*head, *(i64,) * 8, *(a,) * 6, i64)
+
+
+@lru_cache(maxsize=None)
+def ce_kernel(strategy, dt):
+    """The Python function of one strategy's kernel for storage dtype ``dt``."""
+    R = rowmath(dt)
+    RD = reductions(R.T.acc_np)
+    acc = R.T.acc
+    NEG_INF, ZERO, ONE = R.NEG_INF, R.ZERO, R.ONE
+    i64 = types.int64
+
+    if strategy in WARP_SHAPES:
+        TPR, VPT = warp_shape(strategy, dt)
+        LOG2 = TPR.bit_length() - 1
+
+        def ce_warp(x, g, q, tgt, w, go, loss, st, n_rows, n_cls, ignore_index, soft, weighted,
+                    write_grad, go_mode, use_st, eps, zl, cap, go_scalar, inv_ce, inv_z, unused):
+            vals = cuda.local.array(VPT, acc)
+            tid = i64(cuda.threadIdx.x)
+            lane = tid & (TPR - 1)
+            per_block = i64(cuda.blockDim.x) >> LOG2
+            inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
+            keep = ONE - eps
+            smooth = eps / acc(n_cls)
+            dist = soft != 0 or eps > ZERO
+            for first in range(i64(cuda.blockIdx.x) * per_block, n_rows,
+                               i64(cuda.gridDim.x) * per_block):
+                row = first + (tid >> LOG2)
+                live = row < n_rows
+                off = row * n_cls
+                if soft:
+                    state, y = (ACTIVE if live else IDLE), i64(-1)
+                else:
+                    state, y = R.hard_target(tgt, row, live, n_cls, ignore_index)
+                m = NEG_INF
+                z_y = ZERO
+                for j in range(VPT):
+                    c = j * TPR + lane
+                    z = NEG_INF
+                    if live and c < n_cls:
+                        z = R.logit(x[U(off + c)], cap)
+                    if c == y:
+                        z_y = z  # taken from registers: no re-read that in-place writes could race
+                    vals[j] = z
+                    if z > m:
+                        m = z
+                m = R.finite_max(RD.warp_max(m, TPR))
+                if not soft:
+                    z_y = RD.warp_sum(z_y, TPR)
+                s = ZERO
+                big_q = ZERO
+                qz = ZERO
+                for j in range(VPT):
+                    c = j * TPR + lane
+                    z = vals[j]
+                    e = math.exp(z - m)
+                    s += e
+                    if dist and live and c < n_cls:
+                        wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
+                        big_q += wq
+                        if wq != ZERO:
+                            qz += wq * z
+                    vals[j] = e
+                s = RD.warp_sum(s, TPR)
+                if dist:
+                    big_q = RD.warp_sum(big_q, TPR)
+                    qz = RD.warp_sum(qz, TPR)
+                t_y = ZERO
+                go_v = ONE
+                if state == ACTIVE:
+                    go_v = R.grad_scale(go, go_mode, go_scalar, row)
+                    if not soft:
+                        t_y = keep * (w[U(y)] if weighted else ONE)
+                lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
+                                             inv_z, go_v)
+                if live and lane == 0:
+                    loss[U(row)] = lv
+                if write_grad and live:
+                    for j in range(VPT):
+                        c = j * TPR + lane
+                        if c < n_cls:
+                            if state == ACTIVE:
+                                gf = ONE
+                                if cap > ZERO:
+                                    gf = R.grad_factor(R.logit(x[U(off + c)], cap), cap)
+                                g[U(off + c)] = R.grad(vals[j], k_p, R.coef(
+                                    c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep,
+                                    smooth), gf)
+                            else:
+                                g[U(off + c)] = R.store(ZERO)
+        return ce_warp
+
+    if strategy in ("block_cached", "block"):
+        cached = strategy == "block_cached"
+
+        def ce_block(x, g, q, tgt, w, go, loss, st, n_rows, n_cls, ignore_index, soft, weighted,
+                     write_grad, go_mode, use_st, eps, zl, cap, go_scalar, inv_ce, inv_z,
+                     unused):
+            cache = cuda.shared.array(0, acc)  # n_cls accumulators when cached
+            buf_m = cuda.shared.array(32, acc)
+            buf_s = cuda.shared.array(32, acc)
+            tid = i64(cuda.threadIdx.x)
+            bd = i64(cuda.blockDim.x)
+            inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
+            keep = ONE - eps
+            smooth = eps / acc(n_cls)
+            dist = soft != 0 or eps > ZERO
+            for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
+                off = row * n_cls
+                if soft:
+                    state, y = ACTIVE, i64(-1)
+                else:
+                    state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
+                z_y = ZERO
+                if state == ACTIVE and not soft:
+                    z_y = R.logit(x[U(off + y)], cap)  # before the barriers that precede any write
+                m = NEG_INF
+                s = ZERO
+                big_q = ZERO
+                qz = ZERO
+                if cached:
+                    for c in range(tid, n_cls, bd):
+                        z = R.logit(x[U(off + c)], cap)
+                        cache[U(c)] = z
+                        if z > m:
+                            m = z
+                    m = R.finite_max(RD.block_max(m, buf_m))
+                    for c in range(tid, n_cls, bd):
+                        z = cache[U(c)]
+                        e = math.exp(z - m)
+                        cache[U(c)] = e  # each thread only touches its own columns
+                        s += e
+                        if dist:
+                            wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
+                            big_q += wq
+                            if wq != ZERO:
+                                qz += wq * z
+                    s = RD.block_sum(s, buf_s)
+                else:
+                    for c in range(tid, n_cls, bd):
+                        z = R.logit(x[U(off + c)], cap)
+                        m, s = R.online(m, s, z)
+                        if dist:
+                            wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
+                            big_q += wq
+                            if wq != ZERO:
+                                qz += wq * z
+                    m, s = RD.block_merge(m, s, buf_m, buf_s)
+                    m = R.finite_max(m)
+                if dist:
+                    big_q = RD.block_sum(big_q, buf_m)
+                    qz = RD.block_sum(qz, buf_s)
+                t_y = ZERO
+                go_v = ONE
+                if state == ACTIVE:
+                    go_v = R.grad_scale(go, go_mode, go_scalar, row)
+                    if not soft:
+                        t_y = keep * (w[U(y)] if weighted else ONE)
+                lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
+                                             inv_z, go_v)
+                if tid == 0:
+                    loss[U(row)] = lv
+                if write_grad:
+                    for c in range(tid, n_cls, bd):
+                        if state == ACTIVE:
+                            if cached:
+                                e = cache[U(c)]
+                                gf = ONE
+                                if cap > ZERO:
+                                    gf = R.grad_factor(R.logit(x[U(off + c)], cap), cap)
+                            else:
+                                z = R.logit(x[U(off + c)], cap)
+                                e = math.exp(z - m)
+                                gf = R.grad_factor(z, cap)
+                            g[U(off + c)] = R.grad(e, k_p, R.coef(
+                                c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep, smooth),
+                                gf)
+                        else:
+                            g[U(off + c)] = R.store(ZERO)
+        return ce_block
+
+    if strategy == "split_partial":
+        def ce_split_partial(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps,
+                             cap, n_split):
+            buf_m = cuda.shared.array(32, acc)
+            buf_s = cuda.shared.array(32, acc)
+            tid = i64(cuda.threadIdx.x)
+            bd = i64(cuda.blockDim.x)
+            keep = ONE - eps
+            smooth = eps / acc(n_cls)
+            dist = soft != 0 or eps > ZERO
+            length = (n_cls + n_split - 1) // n_split
+            zy_base = n_rows * n_split * 4
+            for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
+                row = b // n_split
+                lo = (b - row * n_split) * length
+                hi = min(n_cls, lo + length)
+                off = row * n_cls
+                m = NEG_INF
+                s = ZERO
+                big_q = ZERO
+                qz = ZERO
+                for c in range(lo + tid, hi, bd):
+                    z = R.logit(x[U(off + c)], cap)
+                    m, s = R.online(m, s, z)
+                    if dist:
+                        wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
+                        big_q += wq
+                        if wq != ZERO:
+                            qz += wq * z
+                m, s = RD.block_merge(m, s, buf_m, buf_s)
+                if dist:
+                    big_q = RD.block_sum(big_q, buf_m)
+                    qz = RD.block_sum(qz, buf_s)
+                if tid == 0:
+                    ws[U(b * 4)] = m
+                    ws[U(b * 4 + 1)] = s
+                    ws[U(b * 4 + 2)] = big_q
+                    ws[U(b * 4 + 3)] = qz
+                    if not soft:
+                        state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
+                        if state == ACTIVE and lo <= y and y < hi:
+                            # saved here: in place, the finishing kernel overwrites x[y]
+                            ws[U(zy_base + row)] = R.logit(x[U(off + y)], cap)
+        return ce_split_partial
+
+    if strategy == "split_finish":
+        def ce_split_finish(x, g, q, tgt, w, go, loss, st, ws, n_rows, n_cls, ignore_index, soft,
+                            weighted, write_grad, go_mode, use_st, eps, zl, cap, go_scalar,
+                            inv_ce, inv_z, n_split):
+            tid = i64(cuda.threadIdx.x)
+            bd = i64(cuda.blockDim.x)
+            inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
+            keep = ONE - eps
+            smooth = eps / acc(n_cls)
+            dist = soft != 0 or eps > ZERO
+            length = (n_cls + n_split - 1) // n_split
+            zy_base = n_rows * n_split * 4
+            for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
+                row = b // n_split
+                chunk = b - row * n_split
+                if chunk != 0 and not write_grad:
+                    continue
+                m = NEG_INF
+                s = ZERO
+                big_q = ZERO
+                qz = ZERO
+                base = row * n_split * 4
+                for k in range(n_split):  # a fixed order: every block gets the same bits
+                    m, s = RD.merge(m, s, ws[U(base + 4 * k)], ws[U(base + 4 * k + 1)])
+                    big_q += ws[U(base + 4 * k + 2)]
+                    qz += ws[U(base + 4 * k + 3)]
+                m = R.finite_max(m)
+                off = row * n_cls
+                if soft:
+                    state, y = ACTIVE, i64(-1)
+                else:
+                    state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
+                z_y = ZERO
+                t_y = ZERO
+                go_v = ONE
+                if state == ACTIVE:
+                    go_v = R.grad_scale(go, go_mode, go_scalar, row)
+                    if not soft:
+                        z_y = ws[U(zy_base + row)]
+                        t_y = keep * (w[U(y)] if weighted else ONE)
+                lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
+                                             inv_z, go_v)
+                if chunk == 0 and tid == 0:
+                    loss[U(row)] = lv
+                if write_grad:
+                    lo = chunk * length
+                    for c in range(lo + tid, min(n_cls, lo + length), bd):
+                        if state == ACTIVE:
+                            z = R.logit(x[U(off + c)], cap)
+                            g[U(off + c)] = R.grad(math.exp(z - m), k_p, R.coef(
+                                c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep, smooth),
+                                R.grad_factor(z, cap))
+                        else:
+                            g[U(off + c)] = R.store(ZERO)
+        return ce_split_finish
+
+    raise KeyError(strategy)
+
+
+# ---- helpers around the main kernels ------------------------------------------------------
+
+def stats_signature(acc_name):
+    a = getattr(types, acc_name)
+    i64 = types.int64
+    return types.void(array(i64), array(a), array(a), i64, i64, i64, i64)
+
+
+@lru_cache(maxsize=None)
+def target_stats_kernel(acc_name):
+    """One block: st = [1/sum w_y, 1/kept rows] over the kept rows with a valid target (0 where
+    the sum is 0: every row ignored gives a zero loss and gradient). Sums in float64, in a
+    fixed order, so the divisor is deterministic."""
+    RD = reductions(np.float64)
+    f64 = types.float64
+    i64 = types.int64
+    A = np.dtype(acc_name).type
+    ZERO64 = np.float64(0.0)
+
+    def ce_target_stats(tgt, w, st, n_rows, n_cls, ignore_index, weighted):
+        buf = cuda.shared.array(32, f64)
+        tid = i64(cuda.threadIdx.x)
+        sw = ZERO64
+        kept = ZERO64
+        for i in range(tid, n_rows, i64(cuda.blockDim.x)):
+            y = tgt[U(i)]
+            if y != ignore_index and y >= 0 and y < n_cls:
+                sw += f64(w[U(y)]) if weighted else f64(1.0)
+                kept += f64(1.0)
+        sw = RD.block_sum(sw, buf)
+        kept = RD.block_sum(kept, buf)
+        if tid == 0:
+            st[0] = A(0.0) if sw == ZERO64 else A(f64(1.0) / sw)
+            st[1] = A(0.0) if kept == ZERO64 else A(f64(1.0) / kept)
+    return ce_target_stats
+
+
+def rows_sum_signature(acc_name):
+    a = getattr(types, acc_name)
+    return types.void(array(a), array(a), types.int64)
+
+
+@lru_cache(maxsize=None)
+def rows_sum_kernel(acc_name):
+    """One block: out[0] = sum of the row losses, in float64 and a fixed order (no atomics)."""
+    RD = reductions(np.float64)
+    f64 = types.float64
+    i64 = types.int64
+    A = np.dtype(acc_name).type
+    ZERO64 = np.float64(0.0)
+
+    def rows_sum(vals, out, n):
+        buf = cuda.shared.array(32, f64)
+        t = ZERO64
+        for i in range(i64(cuda.threadIdx.x), n, i64(cuda.blockDim.x)):
+            t += f64(vals[U(i)])
+        t = RD.block_sum(t, buf)
+        if cuda.threadIdx.x == 0:
+            out[0] = A(t)
+    return rows_sum
+
+
+def check_targets_signature():
+    i64 = types.int64
+    return types.void(array(i64), array(i64), i64, i64, i64)
+
+
+@lru_cache(maxsize=None)
+def check_targets_kernel():
+    """bad[0] = min(bad[0], first row whose target is outside [0, C) and not ignore_index)."""
+    i64 = types.int64
+
+    def check_targets(tgt, bad, n_rows, n_cls, ignore_index):
+        for i in range(i64(cuda.grid(1)), n_rows, i64(cuda.gridsize(1))):
+            y = tgt[U(i)]
+            if y != ignore_index and (y < 0 or y >= n_cls):
+                cuda.atomic.min(bad, 0, i)
+    return check_targets
+
+
+_INT_TYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def _elem(name):
+    return traits(name).storage if name in DTYPES else getattr(types, name)
+
+
+def convert_signature(src, dst):
+    return types.void(array(_elem(src)), array(_elem(dst)), types.int64)
+
+
+@lru_cache(maxsize=None)
+def convert_kernel(src, dst):
+    """dst[i] = src[i] between float dtypes (through the accumulator) or integers -> int64."""
+    if src in _INT_TYPES:
+        i64 = types.int64
+
+        def convert_int(a, out, n):
+            for i in range(i64(cuda.grid(1)), n, i64(cuda.gridsize(1))):
+                out[U(i)] = i64(a[U(i)])
+        return convert_int
+    i64 = types.int64
+    load = traits(src).load
+    store = traits(dst).store
+    to_acc = traits(dst).acc
+
+    def convert(a, out, n):
+        for i in range(i64(cuda.grid(1)), n, i64(cuda.gridsize(1))):
+            out[U(i)] = store(to_acc(load(a[U(i)])))
+    return convert

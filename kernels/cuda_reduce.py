@@ -1,0 +1,113 @@
+"""The one reduction module of the CUDA kernels: warp shuffles and a block reduction.
+
+Warp reductions are xor butterflies over ``width`` lanes (a power of two <= 32): every lane
+of each aligned group of ``width`` lanes ends with the group's result, so a warp can serve
+several short rows at once. The block reductions reduce each warp, pass the warp results
+through shared memory, and let *every* warp reduce those again, so all threads hold the
+result without a broadcast barrier (and all threads of the block reach every shuffle, which
+the simulator's shuffles need).
+
+``(m, s)`` pairs are the online softmax state: m the running max, s = sum exp(z - m). Merging
+two pairs never computes -inf - (-inf): an all -inf pair is (-inf, 0) and stays neutral.
+
+Everything is typed by the accumulator (float32 or float64): ``reductions(acc_np)``.
+"""
+import math
+from functools import lru_cache
+
+from numba import cuda
+
+from .cuda_dtypes import SIMULATOR, namespace
+
+if SIMULATOR:
+    from . import cuda_simulator
+    cuda_simulator.install()
+
+FULL_MASK = 0xFFFFFFFF
+WARP = 32
+
+
+@lru_cache(maxsize=None)
+def reductions(acc_np):
+    """Reduction device functions for accumulator type ``acc_np`` (np.float32 / np.float64)."""
+    NEG_INF = acc_np(-math.inf)
+    ZERO = acc_np(0.0)
+    device = cuda.jit(device=True, inline="always")
+
+    @device
+    def merge(m1, s1, m2, s2):
+        """Combine two online-softmax states."""
+        m = m1 if m1 > m2 else m2
+        if m == NEG_INF:
+            return NEG_INF, ZERO
+        return m, s1 * math.exp(m1 - m) + s2 * math.exp(m2 - m)
+
+    @device
+    def warp_max(v, width):
+        off = width >> 1
+        while off > 0:
+            o = cuda.shfl_xor_sync(FULL_MASK, v, off)
+            v = v if v > o else o
+            off >>= 1
+        return v
+
+    @device
+    def warp_sum(v, width):
+        off = width >> 1
+        while off > 0:
+            v += cuda.shfl_xor_sync(FULL_MASK, v, off)
+            off >>= 1
+        return v
+
+    @device
+    def warp_merge(m, s, width):
+        off = width >> 1
+        while off > 0:
+            m2 = cuda.shfl_xor_sync(FULL_MASK, m, off)
+            s2 = cuda.shfl_xor_sync(FULL_MASK, s, off)
+            m, s = merge(m, s, m2, s2)
+            off >>= 1
+        return m, s
+
+    @device
+    def _nwarps():
+        return (cuda.blockDim.x + WARP - 1) // WARP
+
+    @device
+    def block_max(v, buf):
+        """Max over the block; buf is a shared array of >= 32 accumulators."""
+        v = warp_max(v, WARP)
+        lane = cuda.threadIdx.x % WARP
+        cuda.syncthreads()  # the previous reduction may still be reading buf
+        if lane == 0:
+            buf[cuda.threadIdx.x // WARP] = v
+        cuda.syncthreads()
+        return warp_max(buf[lane] if lane < _nwarps() else NEG_INF, WARP)
+
+    @device
+    def block_sum(v, buf):
+        v = warp_sum(v, WARP)
+        lane = cuda.threadIdx.x % WARP
+        cuda.syncthreads()
+        if lane == 0:
+            buf[cuda.threadIdx.x // WARP] = v
+        cuda.syncthreads()
+        return warp_sum(buf[lane] if lane < _nwarps() else ZERO, WARP)
+
+    @device
+    def block_merge(m, s, buf_m, buf_s):
+        m, s = warp_merge(m, s, WARP)
+        lane = cuda.threadIdx.x % WARP
+        cuda.syncthreads()
+        if lane == 0:
+            buf_m[cuda.threadIdx.x // WARP] = m
+            buf_s[cuda.threadIdx.x // WARP] = s
+        cuda.syncthreads()
+        m, s = NEG_INF, ZERO
+        if lane < _nwarps():
+            m, s = buf_m[lane], buf_s[lane]
+        return warp_merge(m, s, WARP)
+
+    return namespace(merge=merge, warp_max=warp_max, warp_sum=warp_sum,
+                           warp_merge=warp_merge, block_max=block_max, block_sum=block_sum,
+                           block_merge=block_merge)

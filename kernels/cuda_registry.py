@@ -1,0 +1,51 @@
+"""Every CUDA kernel gpuce launches, with its explicit signature and launch bound.
+
+``spec(name, key)`` -> (python function, signature, max threads per block), where ``key`` is
+the logits' storage dtype for the main kernels, the accumulator dtype for the helpers, and a
+(source, destination) pair for ``convert``. ``all_specs()`` lists every combination gpuce can
+launch, for the PTX compile test and benchmarks/ptx_report.py.
+"""
+from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, _INT_TYPES, ce_kernel, ce_signature,
+                                 check_targets_kernel, check_targets_signature, convert_kernel,
+                                 convert_signature, rows_sum_kernel, rows_sum_signature,
+                                 target_stats_kernel, stats_signature)
+from .cuda_dtypes import DTYPES
+from .cuda_softmax import softmax_kernel, softmax_signature
+
+STRATEGIES = ("warp", "block_cached", "block", "split")
+_PARTS = ("warp", "warp_narrow", "block_cached", "block", "split_partial", "split_finish")
+
+
+def _bound(part):
+    return WARP_BLOCK if part.startswith("warp") else MAX_BLOCK
+
+
+def spec(name, key):
+    if name.startswith("softmax_"):
+        part = name[len("softmax_"):]
+        return softmax_kernel(part, key), softmax_signature(key, part), _bound(part)
+    if name.startswith("ce_") and name != "ce_target_stats":
+        part = name[len("ce_"):]
+        return ce_kernel(part, key), ce_signature(key, part), _bound(part)
+    if name == "ce_target_stats":
+        return target_stats_kernel(key), stats_signature(key), MAX_BLOCK
+    if name == "rows_sum":
+        return rows_sum_kernel(key), rows_sum_signature(key), MAX_BLOCK
+    if name == "check_targets":
+        return check_targets_kernel(), check_targets_signature(), MAX_BLOCK
+    if name == "convert":
+        return convert_kernel(*key), convert_signature(*key), MAX_BLOCK
+    raise KeyError(name)
+
+
+def all_specs(main_only=False):
+    """[(name, key)] for every kernel gpuce can launch."""
+    out = [(f"{fam}_{part}", dt) for fam in ("softmax", "ce") for part in _PARTS
+           for dt in DTYPES]
+    if main_only:
+        return out
+    out += [(n, acc) for n in ("ce_target_stats", "rows_sum") for acc in ("float32", "float64")]
+    out.append(("check_targets", None))
+    out += [("convert", (a, b)) for a in DTYPES for b in DTYPES if a != b]
+    out += [("convert", (i, "int64")) for i in _INT_TYPES if i != "int64"]
+    return out

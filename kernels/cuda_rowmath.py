@@ -1,0 +1,142 @@
+"""Per-row and per-element math shared by every CUDA strategy (the same formulas as cpu.py).
+
+Row loss (hard target y, smoothing e, weights w, kept row), with lse = log sum exp z:
+    (1-e) w_y (lse - z_y) + sum_c w_c (e/C) (lse - z_c)            [+ zl lse^2]
+Soft targets q replace the second term's (e/C) by (1-e) q_c + e/C and drop the first.
+Both are ``t_y (lse - z_y) + Q lse - qz`` with Q = sum_c wq_c, qz = sum_c wq_c z_c and
+wq_c = w_c ((1-e) q_c + e/C); t_y = (1-e) w_y for a hard target, 0 for soft targets.
+Gradient wrt z: a_ce (K p_c - wq_c - t_y [c == y]) + a_z 2 zl lse p_c with K = t_y + Q,
+chained through softcap by (1 - (z/cap)^2). ``finish`` turns the row's (max, sum, Q, qz,
+z_y) into the loss and the coefficients of ``grad`` = (k_p e_c - coef_c) gf_c, where
+e_c = exp(z_c - m), coef_c = k_q wq_c + k_y [c == y].
+
+Row states: IDLE (ignored, or past the last row) gives loss 0 and a zero gradient; a bad
+target gives a NaN loss and a zero gradient; an all -inf row gives +inf and a zero gradient.
+"""
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda, types
+
+from .cuda_dtypes import namespace, traits
+
+IDLE, ACTIVE, BAD = 0, 1, 2
+U = types.uint64  # unsigned indices: no negative-index wraparound code
+
+
+@lru_cache(maxsize=None)
+def rowmath(dt):
+    T = traits(dt)
+    A = T.acc_np
+    acc = T.acc
+    load = T.load
+    store = T.store
+    NEG_INF, ZERO, ONE, TWO = A(-np.inf), A(0.0), A(1.0), A(2.0)
+    INF, NAN = A(np.inf), A(np.nan)
+    device = cuda.jit(device=True, inline="always")
+
+    @device
+    def logit(v, cap):
+        """A stored logit as the accumulator type, softcapped when cap > 0."""
+        z = load(v)
+        if cap > ZERO:
+            z = cap * math.tanh(z / cap)
+        return z
+
+    @device
+    def grad_factor(z, cap):
+        """d(cap tanh(x / cap)) / dx written with the capped z."""
+        if cap > ZERO:
+            t = z / cap
+            return ONE - t * t
+        return ONE
+
+    @device
+    def online(m, s, z):
+        """Add one logit to an online (max, sum exp) state; -inf adds nothing, NaN spreads."""
+        if z > m:
+            s = s * math.exp(m - z) + ONE
+            m = z
+        elif z != NEG_INF:
+            s += math.exp(z - m)
+        return m, s
+
+    @device
+    def finite_max(m):
+        """The shift used in exp(z - m): 0 for an all -inf row, so no -inf - -inf."""
+        return ZERO if m == NEG_INF else m
+
+    @device
+    def class_weight(q, w, off, c, soft, weighted, keep, smooth):
+        """wq_c = w_c ((1-e) q_c + e/C) (q_c = 0 for hard targets)."""
+        wc = w[U(c)] if weighted else ONE
+        qc = load(q[U(off + c)]) if soft else ZERO
+        return wc * (keep * qc + smooth)
+
+    @device
+    def hard_target(tgt, row, live, n_cls, ignore_index):
+        """(state, y) of a hard-target row; y is only a safe index when state == ACTIVE."""
+        if not live:
+            return IDLE, -1
+        y = tgt[U(row)]
+        if y == ignore_index:
+            return IDLE, -1
+        if y < 0 or y >= n_cls:
+            return BAD, -1
+        return ACTIVE, y
+
+    @device
+    def grad_scale(go, go_mode, go_scalar, row):
+        """grad_output for this row: a number (mode 0), one per row (1) or a 0-d array (2)."""
+        if go_mode == 1:
+            return acc(go[U(row)])
+        if go_mode == 2:
+            return acc(go[0])
+        return go_scalar
+
+    @device
+    def divisors(st, use_st, inv_ce, inv_z):
+        """The mean's 1/divisors: computed on the device (st) or passed by the host."""
+        if use_st:
+            return st[0], st[1]
+        return inv_ce, inv_z
+
+    @device
+    def finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce, inv_z, go):
+        """(loss, k_p, k_q, k_y) of one row; m must be finite_max'd, s = sum exp(z - m)."""
+        if state != ACTIVE:
+            return (NAN if state == BAD else ZERO), ZERO, ZERO, ZERO
+        if s == ZERO:  # every logit is -inf: nothing can lower the loss
+            return INF * inv_ce, ZERO, ZERO, ZERO
+        lse = m + math.log(s)
+        ce = big_q * lse - qz
+        if t_y != ZERO:
+            ce += t_y * (lse - z_y)
+        loss = ce * inv_ce
+        if zl > ZERO:
+            loss += zl * lse * lse * inv_z
+        a_ce = go * inv_ce
+        k_p = (a_ce * (t_y + big_q) + go * inv_z * TWO * zl * lse) / s
+        return loss, k_p, a_ce, a_ce * t_y
+
+    @device
+    def grad(e, k_p, coef, gf):
+        """One gradient element in the accumulator type; the target's -1 is in coef, so
+        it is applied before the single rounding to the storage dtype."""
+        return store((k_p * e - coef) * gf)
+
+    @device
+    def coef(c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep, smooth):
+        r = ZERO
+        if dist:
+            r = k_q * class_weight(q, w, off, c, soft, weighted, keep, smooth)
+        if c == y:
+            r += k_y
+        return r
+
+    return namespace(T=T, logit=logit, grad_factor=grad_factor, online=online,
+                           finite_max=finite_max, class_weight=class_weight,
+                           hard_target=hard_target, grad_scale=grad_scale, divisors=divisors,
+                           finish=finish, grad=grad, coef=coef, store=store, load=load,
+                           NEG_INF=NEG_INF, ZERO=ZERO, ONE=ONE, NAN=NAN)
