@@ -103,6 +103,7 @@ class CpuBackend:
             self._run_softmax(k, rows, result_rows, log)
             return wrap(x, np.moveaxis(dest_np, -1, axis), dt)
         dest = raw(to_numpy(out), dt)
+        _check_writeable(dest, "out")
         direct = _writable_rows(dest, axis)
         if direct is not None and rows.size and np.shares_memory(direct, rows):
             same = direct.ctypes.data == rows.ctypes.data and direct.strides == rows.strides
@@ -209,6 +210,7 @@ class CpuBackend:
         if not req.want_grad:
             return np.empty((0, 0), dtype=rows.dtype), lambda: None
         if req.inplace:
+            _check_writeable(logits_np, "logits")
             if _shares(rows, logits_np):
                 return rows, lambda: req.logits
             def copy_back():
@@ -217,6 +219,7 @@ class CpuBackend:
             return rows, copy_back
         if req.out is not None:
             dest = raw(to_numpy(req.out), dt)
+            _check_writeable(dest, "out")
             direct = _writable_rows(dest, -1)
             if direct is not None and not np.shares_memory(direct, logits_np):
                 return direct, lambda: req.out
@@ -227,6 +230,11 @@ class CpuBackend:
             return tmp, copy_out
         grad_np = np.empty(shape, dtype=rows.dtype)
         return grad_np.reshape(rows.shape), lambda: wrap(req.logits, grad_np, dt)
+
+
+def _check_writeable(a, name):
+    if not a.flags.writeable:
+        raise ValueError(f"{name}: the array is read-only, so the result cannot be written into it")
 
 
 def _per_block(rows):
