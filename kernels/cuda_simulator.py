@@ -2,33 +2,58 @@
 
 The simulator runs every thread of a block as a Python thread. A shuffle here is an
 exchange through a dict on the block's manager: each thread posts its value, waits at a
-block barrier, reads its partner lane (inside its own warp of 32; a lane that does not
-exist returns the caller's own value), and waits again so the dict can be reused. This is
-only valid where every live thread of the block reaches the same shuffle, which holds in
-gpuce's kernels: all shuffles sit in code that the whole block runs in step (a thread that
-has already returned no longer counts at the simulator's barriers).
+barrier and reads its partner lane (inside its own warp of 32; a lane that does not exist
+returns the caller's own value).
+
+The barrier is per warp (a threading.Barrier of the warp's lanes), not the simulator's block
+barrier: it needs no polling by the block manager, so it is much faster, and it asks exactly
+what a full-mask shuffle asks on a GPU -- every lane of the warp reaches it. A warp whose
+lanes do not all arrive raises RuntimeError after a timeout instead of hanging.
 
 ``install()`` is idempotent and is called by gpuce when the simulator is on, so users
 debugging their own kernels get the shuffles too.
 """
+import math
 import threading
 
 WARP = 32
+TIMEOUT_S = 120.0
+_lock = threading.Lock()
+
+
+def _warp_barrier(t):
+    mgr = t._manager
+    bars = mgr.__dict__.get("_gpuce_warp_barriers")
+    warp = t.thread_id // WARP
+    bar = None if bars is None else bars.get(warp)
+    if bar is None:
+        with _lock:
+            bars = mgr.__dict__.setdefault("_gpuce_warp_barriers", {})
+            bar = bars.get(warp)
+            if bar is None:
+                lanes = min(WARP, math.prod(mgr._block_dim) - warp * WARP)
+                bar = bars[warp] = threading.Barrier(lanes)
+    try:
+        bar.wait(TIMEOUT_S)
+    except threading.BrokenBarrierError:
+        raise RuntimeError("simulated warp shuffle: not every lane of the warp reached it "
+                           "(a full-mask shuffle needs all of them)") from None
 
 
 def _exchange(value, src_lane):
+    # Two mailboxes used alternately: a lane can only write the one it read before after the
+    # whole warp passed the next shuffle's barrier, so one barrier per shuffle is enough.
     t = threading.current_thread()
-    box = t._manager.__dict__.setdefault("_gpuce_shfl", {})
+    parity = t.__dict__.get("_gpuce_parity", 0)
+    t._gpuce_parity = 1 - parity
+    box = t._manager.__dict__.setdefault(f"_gpuce_shfl{parity}", {})
     box[t.thread_id] = value
-    t.syncthreads()
+    _warp_barrier(t)
     lane = t.thread_id % WARP
     src = src_lane(lane)
     if 0 <= src < WARP:
-        got = box.get(t.thread_id - lane + src, value)
-    else:
-        got = value
-    t.syncthreads()
-    return got
+        return box.get(t.thread_id - lane + src, value)
+    return value
 
 
 def shfl_sync(self, mask, value, src_lane):
@@ -48,7 +73,7 @@ def shfl_xor_sync(self, mask, value, lane_mask):
 
 
 def syncwarp(self, mask=0xFFFFFFFF):
-    threading.current_thread().syncthreads()
+    _warp_barrier(threading.current_thread())
 
 
 def install():
