@@ -38,7 +38,8 @@ JSON (``--json``)
               "load_average"},
   "config":  {"device", "ops", "dtypes", "shapes": [[n, c], ...] | null, "classes",
               "size_mb", "quick", "warmup", "repeats", "budget_s", "rotate_bytes",
-              "threads": {"numba", "torch", ...}, "floor": "np.copyto" | ..., "argv"},
+              "threads": {"numba", "torch", ...}, "floor": "np.copyto" | ..., "argv",
+              "load_average_start": [1, 5, 15 min] | null},
   "impls":   [{"impl", "label", "note", "is_gpuce"}],
   "cases":   [{"dtype", "n", "c", "rotation", "copy_ms", "floor_gbps"}],
   "results": [{"op", "dtype", "n", "c", "bytes", "impl", "ms", "gbps", "pct_floor",
@@ -250,11 +251,13 @@ def select_impls(cfg, impls):
     return impls
 
 
-def run(cfg, impls=None, progress=True, argv=None):
-    """Run the benchmark described by ``cfg``; returns the JSON document (a dict)."""
+def run(cfg, impls=None, progress=True, argv=None, device=None):
+    """Run the benchmark described by ``cfg``; returns the JSON document (a dict).
+    ``impls`` and ``device`` replace the registry's and the real device (tests)."""
     from tqdm import tqdm
 
-    device = core.make_device(cfg["device"])
+    device = core.make_device(cfg["device"]) if device is None else device
+    load_start = core.load_average()
     impls = select_impls(cfg, registry(device.kind) if impls is None else impls)
     skipped, usable = [], []
     for impl in impls:
@@ -307,6 +310,7 @@ def run(cfg, impls=None, progress=True, argv=None):
 
     config = dict(cfg)
     config.update(rotate_bytes=rotate_bytes, threads=core.thread_counts(),
+                  load_average_start=load_start,
                   floor=device.floor_name, argv=list(argv) if argv is not None else sys.argv[1:])
     return {
         "schema": SCHEMA,
@@ -581,6 +585,8 @@ def format_markdown(doc):
            f"- Machine: {machine_line(doc)}",
            f"- Run: {doc['created']}, `gpuce bench {' '.join(cfg.get('argv') or [])}`",
            f"- Versions: {vers}",
+           f"- Load average (1, 5, 15 min) at start: {cfg.get('load_average_start')}, at end: "
+           f"{m.get('load_average')}",
            f"- Floor: {cfg.get('floor')} of the logits into a preallocated buffer, same run",
            f"- Bytes per op: one read of the logits, one write per output of the logits' size, "
            f"one read of the int64 targets", ""]
@@ -616,13 +622,14 @@ def plot(doc, path):
     fig = Figure(figsize=(5.5 * ncols, 3.8 * nrows), layout="constrained")
     labels = {i["impl"]: i["label"] for i in doc["impls"]}
     order = [i["impl"] for i in _impl_order(doc)]
+    colors = {impl["impl"]: f"C{k % 10}" for k, impl in enumerate(doc["impls"])}
     for k, (op, dtype) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         rows = [r for r in doc["results"] if (r["op"], r["dtype"]) == (op, dtype)]
         for impl in order:
             pts = sorted((r["c"], r["gbps"]) for r in rows if r["impl"] == impl and r["checked"])
             if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3,
+                ax.plot(*zip(*pts), marker="o", markersize=3, color=colors.get(impl),
                         linewidth=2.2 if impl.startswith("gpuce") else 1.2, label=labels[impl])
         shapes = {(r["n"], r["c"]) for r in rows}
         floor = sorted((c, _floor_gbps(doc, dtype, n, c)) for n, c in shapes)

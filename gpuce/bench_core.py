@@ -210,6 +210,7 @@ class CudaDevice:
             raise RuntimeError("--device cuda needs an NVIDIA GPU and torch with CUDA or CuPy; "
                                "none was found")
         self._cupy = cupy
+        self._where = "cuda"  # torch's device string (the tests use a CPU stand-in)
         self.cache_bytes = self._l2_bytes()
         self._scratch = None
 
@@ -232,7 +233,7 @@ class CudaDevice:
 
     def upload(self, a):
         if self.lib == "torch":
-            return torch_from_numpy(a).cuda()
+            return torch_from_numpy(a).to(self._where)
         return self._cupy.asarray(a)
 
     def clone(self, a):
@@ -277,7 +278,7 @@ class CudaDevice:
         if self._scratch is None:
             n = 2 * (self.cache_bytes or 64 * MiB)
             if self.lib == "torch":
-                self._scratch = self._torch.empty(n, dtype=self._torch.uint8, device="cuda")
+                self._scratch = self._torch.empty(n, dtype=self._torch.uint8, device=self._where)
             else:
                 self._scratch = self._cupy.empty(n, dtype=np.uint8)
         if self.lib == "torch":
@@ -671,8 +672,13 @@ def machine_info(device):
         "versions": library_versions(),
         "gpu": device.describe() if device.kind == "cuda" else None,
     }
-    try:
-        info["load_average"] = list(os.getloadavg())
-    except OSError:
-        pass
+    info["load_average"] = load_average()
     return info
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages (a busy machine makes noisy numbers), or None."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None

@@ -103,7 +103,7 @@ class TorchEager(Impl):
         torch = _try_import("torch")
         if torch is None:
             return "torch is not installed"
-        if device.kind == "cuda" and not torch.cuda.is_available():
+        if device.kind == "cuda" and device.lib != "torch" and not torch.cuda.is_available():
             return f"torch {torch.__version__} has no CUDA"
         return None
 

@@ -313,3 +313,58 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
         pytest.skip("a GPU is present")
     assert cli_main(["bench", "--device", "cuda", "--tiny"]) == 2
     assert "no usable GPU" in capsys.readouterr().err
+
+
+# ---- the GPU path, with CPU torch tensors standing in for CUDA ones ----------------------
+
+
+class FakeCuda(core.CudaDevice):
+    """CudaDevice's torch branch on CPU tensors; events read the host clock."""
+
+    def __init__(self):
+        import torch
+        self.lib, self._torch, self._cupy, self._where = "torch", torch, None, "cpu"
+        self.cache_bytes, self._scratch = 1 << 16, None
+        self.syncs = 0
+
+    def event(self):
+        import time
+
+        class Event:
+            def record(self):
+                self.t = time.perf_counter()
+        return Event()
+
+    def elapsed_ms(self, start, end):
+        return (end.t - start.t) * 1e3
+
+    def synchronize(self):
+        self.syncs += 1
+
+    def describe(self):
+        return {"name": "fake GPU", "array_library": "torch"}
+
+
+def test_gpu_path_with_torch_tensors():
+    pytest.importorskip("torch")
+    dev = FakeCuda()
+    impls = [i for i in peers.registry("cuda") if i.name != "torch_compile"]
+    ops = ["softmax", "ce_fwd", "ce_fwd_bwd"]
+    cfg = _cfg(device="cuda", shapes=[[6, 10], [3, 200]], dtypes=["float32", "bfloat16"], ops=ops)
+    doc = bench.run(cfg, impls=impls, progress=False, device=dev)
+    assert doc["machine"]["gpu"]["name"] == "fake GPU"
+    assert doc["config"]["floor"] == "device-to-device copy"
+    ran = {(r["impl"], r["op"], r["dtype"]) for r in doc["results"]}
+    for op in ops:
+        for dt in ("float32", "bfloat16"):
+            assert ("gpuce", op, dt) in ran and ("torch", op, dt) in ran
+    assert all(r["checked"] for r in doc["results"]), [r["error"] for r in doc["results"]]
+    import torch
+    for r in doc["results"]:
+        assert r["rows_checked"] > 0 or r["op"] == "ce_fwd"
+    reasons = {s["impl"]: s["reason"] for s in doc["skipped"] if s["op"] is None}
+    if not core._try_import("cupy"):
+        assert "cupy" in reasons
+    assert "liger" in reasons
+    assert dev.syncs > 0 and isinstance(dev.upload(np.zeros(2, np.float32)), torch.Tensor)
+    assert not bench.gpuce_failed(doc)
