@@ -384,8 +384,21 @@ def bench_one(impl, op, case, timer, floor_gbps, skipped, seen_skip):
 
 def write_json(doc, path):
     with open(path, "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=False, default=_jsonable)
+        json.dump(_finite(doc), f, indent=1, allow_nan=False, default=_jsonable)
         f.write("\n")
+
+
+def _finite(v):
+    """The document with NaN and infinities as null: strict JSON, and a run is never lost."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def _jsonable(v):
@@ -523,8 +536,9 @@ def skipped_lines(doc):
 
 
 def headlines(doc):
-    """One sentence per (op, dtype): the range of gpuce's speedups over its peers at C >= 128
-    and of its ratio to the floor at C >= 1000."""
+    """One line per (op, dtype): gpuce's speedup over PyTorch and over the best peer at
+    C >= 128 (default call, ranges over the cases), and its time over the floor's at
+    C >= 1000 (the out= call where there is one)."""
     by = {}
     for (op, dtype, n, c), rows in _groups(doc).items():
         by.setdefault((op, dtype), []).append((c, summarise(rows)))
@@ -532,23 +546,29 @@ def headlines(doc):
     for (op, dtype), items in by.items():
         big = [s for c, s in items if c >= 128]
         parts = []
-        vb = [s["vs_best"] for s in big if s["vs_best"]]
         vt = [s["vs_torch"] for s in big if s["vs_torch"]]
+        vb = [s["vs_best"] for s in big if s["vs_best"]]
         if vt:
             parts.append(f"speedup over PyTorch {_range(vt)}")
         if vb:
-            parts.append(f"over the best peer {_range(vb)}")
-        fr = [s.get("gpuce_out_floor_ratio") or s.get("gpuce_floor_ratio")
+            worst = min(big, key=lambda s: s["vs_best"] or math.inf)
+            parts.append(f"over the best peer {_range(vb)} "
+                         f"(closest: {_label(doc, worst['best_peer'])})")
+        speed = f"at C >= 128: {', '.join(parts)}" if parts else ""
+        out_used = any(s.get("gpuce_out_floor_ratio") for c, s in items)
+        fr = [s.get("gpuce_out_floor_ratio" if out_used else "gpuce_floor_ratio")
               for c, s in items if c >= 1000]
         fr = [x for x in fr if x]
-        if fr:
-            out_used = any(s.get("gpuce_out_floor_ratio") for c, s in items)
-            parts.append(f"time {_range(fr)} that of the floor at C >= 1000"
-                         f"{' (out=)' if out_used else ''}")
-        if parts:
-            lines.append(f"{op} {core.SHORT[dtype]}: gpuce's " + "; ".join(parts)
-                         + (" (speedups at C >= 128)" if vt or vb else ""))
+        floor = (f"at C >= 1000{' with out=' if out_used else ''}: {_range(fr)} the time of "
+                 f"the floor ({doc['config'].get('floor', 'copy')})") if fr else ""
+        text = "; ".join(x for x in (speed, floor) if x)
+        if text:
+            lines.append(f"{op} {core.SHORT[dtype]}: gpuce {text}")
     return lines
+
+
+def _label(doc, impl):
+    return next((i["label"] for i in doc["impls"] if i["impl"] == impl), impl)
 
 
 def _range(vals):

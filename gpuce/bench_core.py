@@ -641,6 +641,8 @@ def thread_counts():
         if os.environ.get(var):
             out[var] = os.environ[var]
     out["numpy_scipy"] = 1  # numpy's elementwise ufuncs and reductions are single-threaded
+    if "jax" in sys.modules:
+        out["jax"] = "XLA's own pool (not set by --threads)"
     return out
 
 

@@ -62,6 +62,11 @@ class Gpuce(Impl):
         self.note = ("the output is written into a preallocated buffer (out=)" if out else
                      "default call: allocates its output, as the peers do")
 
+    def unsupported(self, op, dtype):
+        if self.out and op not in self.ops:
+            return f"out= is for outputs of the logits' shape; {op} has none"
+        return super().unsupported(op, dtype)
+
     def available(self, device):
         if device.kind == "cpu":
             return None
