@@ -272,7 +272,10 @@ class _SimLib(_Lib):
         return isinstance(x, FakeCUDAArray)
 
     def empty(self, like, shape, dt):
-        return cuda.to_device(np.empty(shape, dtype=_np_dtype(dt)))
+        # junk-filled (NaN, or the most negative integer), so that unwritten outputs show up
+        d = _np_dtype(dt)
+        junk = np.iinfo(d).min if d.kind in "iu" else np.nan
+        return cuda.to_device(np.full(shape, junk, dtype=d))
 
     def rows(self, a, axis):
         if axis == a.ndim - 1 and a.is_c_contiguous():

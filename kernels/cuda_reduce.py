@@ -10,6 +10,7 @@ the simulator's shuffles need).
 ``(m, s)`` pairs are the online softmax state: m the running max, s = sum exp(z - m). Merging
 two pairs never computes -inf - (-inf): an all -inf pair is (-inf, 0) and stays neutral.
 
+Blocks must be whole warps (a full-mask shuffle needs every lane of the warp).
 Everything is typed by the accumulator (float32 or float64): ``reductions(acc_np)``.
 """
 import math

@@ -5,9 +5,13 @@ import numpy as np
 from kinds import BF16, Kind, torch_to_numpy
 
 
+def _c_order(a):
+    return np.array(a, order="C", copy=None)  # (np.ascontiguousarray would make 0-d into 1-d)
+
+
 def _numba_to(a):
     from numba import cuda
-    a = np.ascontiguousarray(a)
+    a = _c_order(a)
     if a.dtype == BF16:  # numba cannot type bfloat16: carry the raw words, then relabel
         return cuda.to_device(a.view(np.int16)).view(BF16)
     return cuda.to_device(a)
@@ -53,7 +57,7 @@ def gpu_kinds():
 
 def _cupy_to(a):
     import cupy as cp
-    a = np.ascontiguousarray(a)
+    a = _c_order(a)
     if a.dtype == BF16:
         try:
             return cp.asarray(a.view(np.int16)).view(BF16)
@@ -69,5 +73,7 @@ def _cupy_back(r):
 
 def _torch_cuda_to(a):
     import torch
-    from kinds import _torch_from_numpy
-    return _torch_from_numpy(a).to("cuda")
+    a = _c_order(a)
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to("cuda")
+    return torch.from_numpy(a).to("cuda")

@@ -1,0 +1,480 @@
+"""The CUDA kernels run by Numba's simulator (NUMBA_ENABLE_CUDASIM=1), against the float64
+reference: every strategy, every dtype, every option, the special rows.
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest -q tests/test_cuda_sim.py
+
+Shapes are tiny (the simulator runs each CUDA thread as a Python thread). Each strategy is
+forced (GPUCE_CUDA_STRATEGY's context-manager form) on a row length it can hold. New
+simulator allocations are NaN-filled by gpuce, and ``out=`` buffers are prefilled with junk
+here, so an element a kernel forgets to write shows up.
+"""
+import sys
+
+import numpy as np
+import pytest
+from numba import cuda  # a module global: the simulator swaps it inside kernels
+
+from kinds import BF16, DTYPES, SIMULATOR, available_kinds
+from reference import ref_cross_entropy, ref_log_softmax, ref_logsumexp, ref_softmax
+
+pytestmark = pytest.mark.skipif(not SIMULATOR, reason="simulator tests: set NUMBA_ENABLE_CUDASIM=1")
+
+if SIMULATOR:
+    import gpuce
+    from gpuce import _cuda, _dispatch
+
+    KIND = available_kinds()[0]
+
+# case name -> (strategy forced, row length): one row length per kernel variant
+STRATEGY_CASES = {
+    "warp_narrow": ("warp", 13),     # 4 lanes per row (C <= 16 for every dtype)
+    "warp": ("warp", 77),            # a warp per row
+    "block_cached": ("block_cached", 150),
+    "block": ("block", 203),
+    "split": ("split", 257),         # 4 chunks per row in the simulator
+}
+CASES = list(STRATEGY_CASES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quick_thread_switches():
+    """Simulated threads hand the GIL around at every barrier; shorter switch intervals make
+    the simulator several times faster."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def rounded(a, dt):
+    return np.asarray(a, dtype=np.float64).astype(DTYPES[dt])
+
+
+def _ordered(bits):
+    """16-bit float patterns as integers that order like the values (+0 and -0 both 0)."""
+    b = bits.astype(np.int32)
+    return np.where(b >= 0x8000, -(b - 0x8000), b)
+
+
+def check_array(got, ref, dt, what, scale=None):
+    """Storage-dtype results: fp32 rel 2e-5, fp64 1e-10, half types within 1 ulp of the
+    reference rounded to that type."""
+    got = np.asarray(got)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, what
+    if dt in ("float16", "bfloat16"):
+        want = ref.astype(DTYPES[dt])
+        gbits = _ordered(got.view(np.uint16))
+        wbits = _ordered(want.view(np.uint16))
+        both_nan = np.isnan(got.astype(np.float64)) & np.isnan(ref)
+        ulps = np.where(both_nan, 0, np.abs(gbits - wbits))
+        assert ulps.max(initial=0) <= 1, (
+            f"{what}: {int(ulps.max())} ulps at {np.unravel_index(ulps.argmax(), ulps.shape)}: "
+            f"got {got.ravel()[ulps.argmax()]}, want {want.ravel()[ulps.argmax()]}")
+        return
+    finite = np.isfinite(ref)
+    scale = scale if scale is not None else max(1.0, np.abs(ref[finite]).max(initial=0))
+    tol = 2e-5 if dt != "float64" else 1e-10
+    np.testing.assert_allclose(got.astype(np.float64), ref, rtol=tol, atol=tol * scale,
+                               err_msg=what)
+
+
+def check_loss(got, ref, dt, what):
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, what
+    finite = np.isfinite(ref)
+    scale = max(1e-3, np.abs(ref[finite]).max(initial=0))
+    tol = 1e-5 if dt != "float64" else 1e-10
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def to_dev(a):
+    return KIND.to(a) if isinstance(a, np.ndarray) else a
+
+
+def run_ce(logits, target, strategy, with_grad=True, **kw):
+    dev = {k: to_dev(v) for k, v in kw.items()}
+    with _cuda.force_strategy(strategy):
+        if with_grad:
+            loss, grad = gpuce.cross_entropy_with_grad(KIND.to(logits), KIND.to(target), **dev)
+            return KIND.back(loss), KIND.back(grad)
+        return KIND.back(gpuce.cross_entropy(KIND.to(logits), KIND.to(target), **dev)), None
+
+
+def make_logits(rng, shape, dt, scale=3.0):
+    return rounded(rng.standard_normal(shape) * scale, dt)
+
+
+def soft_targets(rng, shape, dt):
+    q = rng.random(shape) ** 3
+    q[..., 0] = 0.0  # exact zeros in the probabilities
+    return rounded(q / q.sum(-1, keepdims=True), dt)
+
+
+# ---- every strategy x every option (float32) -------------------------------------------------
+
+OPTIONS = {
+    "plain_mean": dict(reduction="mean"),
+    "weight_ignore_mean": dict(reduction="mean", weight=True, ignore=True),
+    "smooth_weight_sum": dict(reduction="sum", weight=True, label_smoothing=0.2, go=0.7),
+    "zloss_softcap_none": dict(reduction="none", z_loss=1e-2, softcap=2.5, go="rows"),
+    "ignore_is_a_class_none": dict(reduction="none", ignore_index=2, label_smoothing=0.1),
+    "all_hard_mean": dict(reduction="mean", weight=True, ignore=True, label_smoothing=0.3,
+                          z_loss=1e-3, softcap=4.0, go="0d"),
+    "soft_smooth_weight_mean": dict(reduction="mean", soft=True, weight=True,
+                                    label_smoothing=0.15),
+    "soft_zloss_softcap_sum": dict(reduction="sum", soft=True, z_loss=1e-2, softcap=3.0,
+                                   go=-1.5),
+}
+
+
+def build_case(rng, n_rows, n_cls, dt, opt):
+    x = make_logits(rng, (n_rows, n_cls), dt)
+    ignore_index = opt.get("ignore_index", -100)
+    if opt.get("soft"):
+        t = soft_targets(rng, (n_rows, n_cls), dt)
+    else:
+        t = rng.integers(0, n_cls, n_rows)
+        t[0] = n_cls - 1  # the last class (the end of the last chunk or lane)
+        if opt.get("ignore"):
+            t[1] = ignore_index
+    kw = dict(reduction=opt["reduction"], ignore_index=ignore_index,
+              label_smoothing=opt.get("label_smoothing", 0.0), z_loss=opt.get("z_loss", 0.0),
+              softcap=opt.get("softcap"))
+    if opt.get("weight"):
+        kw["weight"] = rng.uniform(0.25, 2.0, n_cls).astype(np.float32)
+    go = opt.get("go")
+    if go == "rows":
+        kw["grad_output"] = rng.uniform(-2, 2, n_rows).astype(np.float32)
+    elif go == "0d":
+        kw["grad_output"] = np.array(0.6, dtype=np.float32)
+    elif go is not None:
+        kw["grad_output"] = go
+    return x, t, kw
+
+
+@pytest.mark.parametrize("opt", list(OPTIONS))
+@pytest.mark.parametrize("case", CASES)
+def test_cross_entropy_options(case, opt):
+    strategy, n_cls = STRATEGY_CASES[case]
+    rng = np.random.default_rng(abs(hash((case, opt))) % 2**32)
+    x, t, kw = build_case(rng, 3, n_cls, "float32", OPTIONS[opt])
+    loss, grad = run_ce(x, t, strategy, **kw)
+    ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
+    check_loss(loss, ref_loss, "float32", "loss")
+    check_array(grad, ref_grad, "float32", "grad")
+
+
+# ---- every strategy x every dtype --------------------------------------------------------------
+
+@pytest.mark.parametrize("dt", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("case", CASES)
+def test_cross_entropy_dtypes(case, dt):
+    strategy, n_cls = STRATEGY_CASES[case]
+    rng = np.random.default_rng(abs(hash((case, dt))) % 2**32)
+    x, t, kw = build_case(rng, 3, n_cls, dt, OPTIONS["all_hard_mean"])
+    loss, grad = run_ce(x, t, strategy, **kw)
+    assert grad.dtype == DTYPES[dt]
+    assert loss.dtype == (np.float64 if dt == "float64" else np.float32)
+    ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
+    check_loss(loss, ref_loss, dt, "loss")
+    check_array(grad, ref_grad, dt, "grad")
+    # soft targets in the logits' dtype, one loss per row
+    q = soft_targets(rng, x.shape, dt)
+    loss, grad = run_ce(x, q, strategy, reduction="none", label_smoothing=0.05)
+    ref_loss, ref_grad = ref_cross_entropy(x, q, reduction="none", label_smoothing=0.05)
+    check_loss(loss, ref_loss, dt, "soft loss")
+    check_array(grad, ref_grad, dt, "soft grad")
+
+
+@pytest.mark.parametrize("dt", ["bfloat16", "float16"])
+def test_half_target_gradient_rounded_once(dt):
+    """p_y close to 1: the target's p - 1 is formed in fp32 and rounded once (rounding p
+    first would give 0 or a 100% error)."""
+    x = np.zeros((2, 40))
+    x[:, 5] = 12.0
+    x = rounded(x, dt)
+    t = np.array([5, 5])
+    _, grad = run_ce(x, t, "warp", reduction="sum")
+    _, ref_grad = ref_cross_entropy(x, t, reduction="sum")
+    assert ref_grad[0, 5] != 0
+    check_array(grad, ref_grad, dt, "grad")
+
+
+# ---- softmax, log_softmax, logsumexp -----------------------------------------------------------
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("case", CASES)
+def test_softmax_family(case, dt):
+    strategy, n_cls = STRATEGY_CASES[case]
+    rng = np.random.default_rng(abs(hash((case, dt, "sm"))) % 2**32)
+    x = make_logits(rng, (3, n_cls), dt)
+    x[1, : n_cls // 2] = -np.inf  # a masked half row (whole chunks and lanes of -inf)
+    xd = KIND.to(x)
+    with _cuda.force_strategy(strategy):
+        sm = KIND.back(gpuce.softmax(xd))
+        out = KIND.to(np.full(x.shape, np.nan, dtype=x.dtype))
+        lsm = gpuce.log_softmax(xd, out=out)
+        assert lsm is out
+        lsm = KIND.back(lsm)
+        lse = KIND.back(gpuce.logsumexp(xd))
+    assert sm.dtype == x.dtype and lsm.dtype == x.dtype
+    assert lse.dtype == (np.float64 if dt == "float64" else np.float32)
+    check_array(sm, ref_softmax(x), dt, "softmax")
+    check_array(lsm, ref_log_softmax(x), dt, "log_softmax")
+    check_loss(lse, ref_logsumexp(x), dt, "logsumexp")
+
+
+@pytest.mark.parametrize("case", ["warp", "block_cached", "split"])
+def test_softmax_axes_and_in_place(case):
+    strategy, n_cls = STRATEGY_CASES[case]
+    rng = np.random.default_rng(7)
+    x = make_logits(rng, (n_cls, 2, 3), "float32")
+    with _cuda.force_strategy(strategy):
+        got = KIND.back(gpuce.softmax(KIND.to(x), axis=0))
+        check_array(got, ref_softmax(x, axis=0), "float32", "softmax axis 0")
+        got = KIND.back(gpuce.logsumexp(KIND.to(x), axis=0))
+        check_loss(got, ref_logsumexp(x, axis=0), "float32", "logsumexp axis 0")
+        y = make_logits(rng, (2, n_cls), "float32")
+        yd = KIND.to(y)
+        res = gpuce.log_softmax(yd, out=yd)  # in place
+        assert res is yd
+        check_array(KIND.back(yd), ref_log_softmax(y), "float32", "log_softmax in place")
+
+
+# ---- the special rows ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_masked_rows(case):
+    """-inf masks never give NaN; an all -inf row has loss +inf and a zero gradient (the
+    contract; tests/reference.py gives NaN there when z_loss=0: 0 * inf), softmax 0."""
+    strategy, n_cls = STRATEGY_CASES[case]
+    rng = np.random.default_rng(11)
+    x = make_logits(rng, (4, n_cls), "float32")
+    x[0, 1:] = -np.inf                 # only the target class is finite
+    x[1, : 3 * n_cls // 4] = -np.inf   # most of the row masked (whole chunks in split)
+    x[2, :] = -np.inf                  # everything masked
+    t = np.array([0, n_cls - 1, 3, 1])
+    loss, grad = run_ce(x, t, strategy, reduction="none")
+    assert not np.isnan(loss).any() and not np.isnan(grad).any()
+    assert loss[2] == np.inf and not grad[2].any()
+    keep = [0, 1, 3]
+    ref_loss, ref_grad = ref_cross_entropy(x[keep], t[keep], reduction="none")
+    check_loss(loss[keep], ref_loss, "float32", "loss")
+    check_array(grad[keep], ref_grad, "float32", "grad")
+    with _cuda.force_strategy(strategy):
+        sm = KIND.back(gpuce.softmax(KIND.to(x)))
+    assert not sm[2].any() and not np.isnan(sm).any()
+    # with z_loss the reference agrees on the +inf row, and the mean is +inf
+    loss, grad = run_ce(x, t, strategy, reduction="mean", z_loss=1e-2)
+    ref_loss, ref_grad = ref_cross_entropy(x, t, reduction="mean", z_loss=1e-2)
+    assert loss == ref_loss == np.inf
+    check_array(grad, ref_grad, "float32", "grad with z_loss")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_targets_give_nan_rows(case):
+    strategy, n_cls = STRATEGY_CASES[case]
+    rng = np.random.default_rng(13)
+    x = make_logits(rng, (5, n_cls), "float32")
+    t = np.array([1, -1, n_cls, 2, -7])
+    loss, grad = run_ce(x, t, strategy, reduction="none")
+    bad = [1, 2, 4]
+    good = [0, 3]
+    assert np.isnan(loss[bad]).all() and not grad[bad].any()
+    ref_loss, ref_grad = ref_cross_entropy(x[good], t[good], reduction="none")
+    check_loss(loss[good], ref_loss, "float32", "loss")
+    check_array(grad[good], ref_grad, "float32", "grad")
+    loss, _ = run_ce(x, t, strategy, reduction="mean", with_grad=False)
+    assert np.isnan(loss)
+    with pytest.raises(ValueError, match="target"):
+        run_ce(x, t, strategy, reduction="mean", validate=True)
+    loss, _ = run_ce(x, np.array([1, 0, 3, 2, -100]), strategy, reduction="sum", validate=True,
+                     with_grad=False)
+    assert np.isfinite(loss)
+
+
+@pytest.mark.parametrize("case", ["warp_narrow", "block", "split"])
+def test_all_ignored_mean_is_zero(case):
+    strategy, n_cls = STRATEGY_CASES[case]
+    x = make_logits(np.random.default_rng(3), (3, n_cls), "float32")
+    t = np.full(3, -100)
+    loss, grad = run_ce(x, t, strategy, reduction="mean", weight=np.ones(n_cls, np.float32),
+                        label_smoothing=0.1, z_loss=0.1)
+    assert loss.shape == () and loss == 0.0 and not grad.any() and not np.isnan(grad).any()
+
+
+# ---- buffers: out=, inplace, loss only, layouts, dtype conversions ----------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_out_inplace_and_loss_only(case):
+    strategy, n_cls = STRATEGY_CASES[case]
+    rng = np.random.default_rng(17)
+    x, t, kw = build_case(rng, 3, n_cls, "float32", OPTIONS["all_hard_mean"])
+    ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
+    dev = {k: to_dev(v) for k, v in kw.items()}
+    xd, td = KIND.to(x), KIND.to(t)
+    with _cuda.force_strategy(strategy):
+        out = KIND.to(np.full(x.shape, 7.5e8, dtype=np.float32))  # junk
+        loss, grad = gpuce.cross_entropy_with_grad(xd, td, out=out, **dev)
+        assert grad is out
+        check_array(KIND.back(out), ref_grad, "float32", "out=")
+        check_array(KIND.back(xd), x, "float32", "logits untouched")
+        loss2 = gpuce.cross_entropy(xd, td, **{k: v for k, v in dev.items()
+                                               if k != "grad_output"})
+        assert KIND.back(loss2) == KIND.back(loss)  # deterministic, and without the gradient
+        loss3, grad3 = gpuce.cross_entropy_with_grad(xd, td, inplace=True, **dev)
+        assert grad3 is xd
+        check_array(KIND.back(xd), ref_grad, "float32", "inplace")
+    check_loss(KIND.back(loss), ref_loss, "float32", "loss")
+    check_loss(KIND.back(loss3), ref_loss, "float32", "inplace loss")
+
+
+def test_strided_and_batched_inputs():
+    rng = np.random.default_rng(19)
+    # (2, 3, C) logits with (2, 3) targets; a transposed (non-contiguous) copy of them
+    x = make_logits(rng, (2, 3, 150), "float32")
+    t = rng.integers(0, 150, (2, 3))
+    ref_loss, ref_grad = ref_cross_entropy(x, t, reduction="none", label_smoothing=0.1)
+    with _cuda.force_strategy("block"):
+        loss, grad = gpuce.cross_entropy_with_grad(KIND.to(x), KIND.to(t), reduction="none",
+                                                   label_smoothing=0.1)
+        check_loss(KIND.back(loss), ref_loss, "float32", "batched loss")
+        check_array(KIND.back(grad), ref_grad, "float32", "batched grad")
+        xt = KIND.to(np.ascontiguousarray(x.transpose(1, 0, 2))).transpose((1, 0, 2))
+        tt = KIND.to(np.ascontiguousarray(t.T)).T
+        assert not xt.is_c_contiguous()
+        out = KIND.to(np.full((3, 2, 150), np.nan, np.float32)).transpose((1, 0, 2))
+        loss, grad = gpuce.cross_entropy_with_grad(xt, tt, reduction="none",
+                                                   label_smoothing=0.1, out=out)
+        assert grad is out
+        check_loss(KIND.back(loss), ref_loss, "float32", "strided loss")
+        check_array(KIND.back(out), ref_grad, "float32", "strided out=")
+        loss, grad = gpuce.cross_entropy_with_grad(xt, tt, reduction="none",
+                                                   label_smoothing=0.1, inplace=True)
+        assert grad is xt
+        check_array(KIND.back(xt), ref_grad, "float32", "strided inplace")
+
+
+def test_converted_argument_dtypes():
+    """int32 / uint8 targets, float16 weights, float64 grad_output, float32 soft targets for
+    bfloat16 logits: converted on the device, with the CPU backend's semantics."""
+    rng = np.random.default_rng(23)
+    x = make_logits(rng, (4, 77), "float32")
+    w = rng.uniform(0.5, 2, 77).astype(np.float16)
+    go = rng.uniform(-1, 1, 4)
+    for t in (rng.integers(0, 77, 4).astype(np.int32), rng.integers(0, 77, 4).astype(np.uint8)):
+        loss, grad = run_ce(x, t, "warp", reduction="none", weight=w, grad_output=go)
+        ref_loss, ref_grad = ref_cross_entropy(x, t.astype(np.int64), reduction="none",
+                                               weight=w, grad_output=go)
+        check_loss(loss, ref_loss, "float32", "loss")
+        check_array(grad, ref_grad, "float32", "grad")
+    xb = rounded(x, "bfloat16")
+    q = soft_targets(rng, x.shape, "float32")
+    loss, grad = run_ce(xb, q, "warp", reduction="sum")
+    cpu_loss, cpu_grad = gpuce.cross_entropy_with_grad(xb, q, reduction="sum")
+    check_loss(loss, cpu_loss, "float32", "soft loss (CPU)")
+    check_array(grad, cpu_grad.astype(np.float64), "bfloat16", "soft grad (CPU)")
+
+
+def test_empty_batch():
+    x = np.zeros((0, 20), np.float32)
+    t = np.zeros(0, np.int64)
+    loss, grad = run_ce(x, t, None, reduction="mean")
+    assert loss.shape == () and loss == 0.0 and grad.shape == (0, 20)
+    loss, _ = run_ce(x, t, None, reduction="none")
+    assert loss.shape == (0,)
+
+
+# ---- dispatch, strategy choice, the pieces ------------------------------------------------------
+
+def test_dispatch_routes_simulator_arrays():
+    xd = KIND.to(np.zeros((2, 3), np.float32))
+    assert _dispatch.backend_for(xd).name == "cuda"
+    assert _dispatch.backend_for(np.zeros(3)).name == "cpu"
+    res = gpuce.softmax(xd)
+    assert type(res) is type(xd)
+    with pytest.raises(TypeError, match="target"):
+        gpuce.cross_entropy(xd, np.zeros(2, np.int64))  # host target, device logits
+
+
+def test_strategy_choice_and_forcing(monkeypatch):
+    dev = _cuda._device_info(0)
+    plan = _cuda._Plan
+    assert plan("ce", 4, 13, "float32", dev).part == "warp_narrow"
+    assert plan("ce", 4, 77, "float32", dev).part == "warp"
+    assert plan("ce", 4, 300, "float64", dev).part == "block_cached"
+    assert plan("ce", 4, 20000, "float32", dev).part == "block"
+    with _cuda.force_strategy("split"):
+        p = plan("ce", 4, 257, "float32", dev)
+        assert p.part == "split" and p.n_split == 4
+    monkeypatch.setenv("GPUCE_CUDA_STRATEGY", "block")
+    assert plan("ce", 4, 13, "float32", dev).part == "block"
+    with pytest.raises(ValueError, match="warp"):
+        with _cuda.force_strategy("warp"):
+            plan("ce", 4, 600, "float32", dev)
+    monkeypatch.setenv("GPUCE_CUDA_STRATEGY", "nope")
+    with pytest.raises(ValueError, match="GPUCE_CUDA_STRATEGY"):
+        plan("ce", 4, 13, "float32", dev)
+
+
+def test_simulated_shuffles():
+    """shfl_{xor,down,up,sync} in a full warp and in a partial last warp (40 threads)."""
+    @cuda.jit
+    def kernel(out):
+        i = cuda.threadIdx.x
+        v = i * 10
+        out[i, 0] = cuda.shfl_xor_sync(0xFFFFFFFF, v, 3)
+        out[i, 1] = cuda.shfl_down_sync(0xFFFFFFFF, v, 4)
+        out[i, 2] = cuda.shfl_up_sync(0xFFFFFFFF, v, 1)
+        out[i, 3] = cuda.shfl_sync(0xFFFFFFFF, v, 5)
+
+    out = cuda.to_device(np.zeros((40, 4), np.int64))
+    kernel[1, 40](out)
+    got = out.copy_to_host()
+    for i in range(40):
+        lane, base, width = i % 32, i - i % 32, min(32, 40 - (i - i % 32))
+        def at(src):
+            return (base + src) * 10 if 0 <= src < width else i * 10
+        assert list(got[i]) == [at(lane ^ 3), at(lane + 4), at(lane - 1), at(5)], i
+
+
+def test_block_reductions():
+    """The shared reduction module across 3 warps (blocks are whole warps: a full-mask shuffle
+    needs every lane), with -inf values and threads that hold nothing."""
+    from gpuce.kernels.cuda_reduce import reductions
+    RD = reductions(np.float32)
+
+    @cuda.jit
+    def kernel(vals, out):
+        buf_m = cuda.shared.array(32, np.float32)
+        buf_s = cuda.shared.array(32, np.float32)
+        i = cuda.threadIdx.x
+        v = vals[i]
+        mx = RD.block_max(v, buf_m)
+        sm = RD.block_sum(v if v > np.float32(-np.inf) else np.float32(0), buf_s)
+        m, s = RD.block_merge(v, np.float32(1) if v > np.float32(-np.inf) else np.float32(0),
+                              buf_m, buf_s)
+        out[i, 0] = mx
+        out[i, 1] = sm
+        out[i, 2] = m
+        out[i, 3] = s
+
+    vals = np.random.default_rng(5).standard_normal(96).astype(np.float32)
+    vals[::3] = -np.inf
+    vals[70:] = -np.inf
+    out = cuda.to_device(np.zeros((96, 4), np.float32))
+    kernel[1, 96](cuda.to_device(vals), out)
+    got = out.copy_to_host()
+    finite = vals[np.isfinite(vals)].astype(np.float64)
+    np.testing.assert_allclose(got[:, 0], finite.max())
+    np.testing.assert_allclose(got[:, 1], finite.sum(), rtol=1e-6)
+    np.testing.assert_allclose(got[:, 2], finite.max())
+    np.testing.assert_allclose(got[:, 3], np.exp(finite - finite.max()).sum(), rtol=1e-6)
+    allneg = cuda.to_device(np.full(96, -np.inf, np.float32))
+    kernel[1, 96](allneg, out)
+    got = out.copy_to_host()
+    assert (got[:, 2] == -np.inf).all() and (got[:, 3] == 0).all()

@@ -1,0 +1,77 @@
+"""Every CUDA kernel x dtype compiles to PTX for sm_80 and sm_90 and assembles (ptxas through
+nvJitLink) with zero register spills. No GPU needed; not under the simulator.
+
+The kernels are compiled once per session, in a process pool (one worker per CPU), and each
+test reads its kernel's result.
+"""
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from kinds import SIMULATOR
+
+pytestmark = pytest.mark.skipif(SIMULATOR, reason="PTX compilation needs the real numba-cuda")
+
+if not SIMULATOR:
+    pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
+    pytest.importorskip("cuda.bindings.nvjitlink", reason="nvJitLink is not installed")
+    from gpuce.kernels import cuda_ptx, cuda_registry
+
+    SPECS = cuda_registry.all_specs()
+else:
+    SPECS = []
+
+
+def _build(spec):
+    """(name, key) -> {cc: resources} or the error text. Runs in a worker process."""
+    name, key = spec
+    try:
+        out = {}
+        for cc, ptx in cuda_ptx.compile_ptx(name, key).items():
+            _, res = cuda_ptx.ptxas(ptx, cc)
+            res["maxntid"] = ".maxntid" in ptx
+            out[cc] = res
+        return out
+    except Exception as exc:  # reported by the test of that kernel
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.fixture(scope="module")
+def resources():
+    workers = max(1, min(len(os.sched_getaffinity(0)), 4))
+    with ProcessPoolExecutor(workers) as pool:
+        results = list(pool.map(_build, SPECS, chunksize=1))
+    return dict(zip(SPECS, results))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s[0]}[{cuda_ptx.key_label(s[1])}]")
+def test_compiles_without_spills(resources, spec):
+    res = resources[spec]
+    assert not isinstance(res, str), res
+    assert set(res) == set(cuda_ptx.TARGETS)
+    for cc, r in res.items():
+        where = f"{spec} on sm_{cc[0]}{cc[1]}: {r}"
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, where
+        assert r["registers"] <= 255, where
+        assert r["maxntid"], f"{where}: no launch bound in the PTX"
+        if spec[0].startswith(("ce_warp", "softmax_warp")):
+            assert r["stack"] == 0, f"{where}: the row is not held in registers"
+
+
+def test_every_kernel_is_listed():
+    names = {name for name, _ in SPECS}
+    for fam in ("softmax", "ce"):
+        for part in ("warp", "warp_narrow", "block_cached", "block", "split_partial",
+                     "split_finish"):
+            assert f"{fam}_{part}" in names
+    for dt in ("float16", "bfloat16", "float32", "float64"):
+        assert ("ce_warp", dt) in SPECS and ("softmax_split_finish", dt) in SPECS
+
+
+def test_resource_log_parsing():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90'\n"
+           "ptxas         .     16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers, 256 bytes smem\n")
+    r = cuda_ptx.parse_resources(log)
+    assert r == {"registers": 40, "spill_stores": 8, "spill_loads": 4, "stack": 16, "smem": 256}
