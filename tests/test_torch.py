@@ -192,6 +192,27 @@ def test_z_loss_and_softcap_against_reference(dtype, reduction):
     _grad_close(grad, torch.from_numpy(ref_grad), dtype)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_unbatched_input_like_torch(reduction):
+    x = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(20))
+    y = torch.tensor(4)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la = gt.cross_entropy(a, y, reduction=reduction, label_smoothing=0.1)
+    lb = F.cross_entropy(b, y, reduction=reduction, label_smoothing=0.1)
+    assert la.shape == lb.shape == ()
+    (la * 2).backward()
+    (lb * 2).backward()
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 5, dtype=torch.float64, requires_grad=True)
+    loss = gt.cross_entropy(x, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == (0, 5)
+
+
 def test_all_rows_ignored_gives_zero_not_nan():
     x, y = _data(4, 5, torch.float32)
     y[:] = -100
