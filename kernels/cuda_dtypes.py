@@ -28,18 +28,27 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 device = cuda.jit(device=True, inline="always")
 
+
+@device
+def bf16_bits(b):
+    """bfloat16 bits (0..0xFFFF) of the float32 whose bits are ``b`` (an int64 in
+    [0, 2**32)): round to nearest, ties to even; NaN stays a quiet NaN. Shared by the GPU and
+    the simulator, so the simulator tests check this arithmetic."""
+    if (b & 0x7FFFFFFF) > 0x7F800000:
+        return (b >> 16) | 0x40  # NaN: keep the sign and payload's top, set the quiet bit
+    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
 if SIMULATOR:
-    import ml_dtypes
-
-    _BF16 = np.dtype(ml_dtypes.bfloat16)
-
     @device
     def load_bf16(v):
-        return np.float32(np.array(v, dtype=np.int16).view(_BF16))
+        bits = np.uint32(np.array(v, dtype=np.int16).view(np.uint16)) << np.uint32(16)
+        return np.array(bits, dtype=np.uint32).view(np.float32)[()]
 
     @device
     def store_bf16(v):
-        return np.array(v, dtype=np.float32).astype(_BF16).view(np.int16)[()]
+        b = int(np.array(v, dtype=np.float32).view(np.uint32))
+        return np.array(bf16_bits(b), dtype=np.uint16).view(np.int16)[()]
 
     @device
     def load_f16(v):
@@ -58,11 +67,7 @@ else:
 
     @device
     def store_bf16(v):
-        if v != v:
-            return types.int16(0x7FC0)  # a quiet NaN
-        b = types.int64(libdevice.float_as_int(v)) & 0xFFFFFFFF
-        b += 0x7FFF + ((b >> 16) & 1)  # round to nearest, ties to even
-        return types.int16(b >> 16)
+        return types.int16(bf16_bits(types.int64(libdevice.float_as_int(v)) & 0xFFFFFFFF))
 
     @device
     def load_f16(v):

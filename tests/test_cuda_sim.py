@@ -204,6 +204,30 @@ def test_half_target_gradient_rounded_once(dt):
     check_array(grad, ref_grad, dt, "grad")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dt", ["bfloat16", "float16"])
+def test_half_rounding_is_exact(dt):
+    """float32 -> half stores round to nearest even (ties, overflow, subnormals, NaN) and half
+    -> float32 loads are exact: the device conversion against numpy / ml_dtypes."""
+    rng = np.random.default_rng(29)
+    bits = rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)
+    special = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, -2.5, 65520.0,
+                        3.4e38, 1e-40, 6e-8, 0.0, -0.0, np.inf, -np.inf, np.nan],
+                       dtype=np.float32)
+    vals = np.concatenate([bits.view(np.float32), special])
+    be = _cuda.CudaBackend()
+    lib = _cuda._SIM
+    raw = be._converted(lib, KIND.to(vals), dt, None)  # the convert kernel
+    got = raw.copy_to_host().view(DTYPES[dt])
+    want = vals.astype(DTYPES[dt])
+    nan = np.isnan(want.astype(np.float32))
+    assert (np.isnan(got.astype(np.float32)) == nan).all()
+    assert (got.view(np.uint16)[~nan] == want.view(np.uint16)[~nan]).all()
+    back = be._converted(lib, KIND.to(got), "float32", None).copy_to_host()
+    np.testing.assert_array_equal(back, got.astype(np.float32))
+
+
 # ---- softmax, log_softmax, logsumexp -----------------------------------------------------------
 
 @pytest.mark.parametrize("dt", list(DTYPES))
