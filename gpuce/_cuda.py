@@ -42,7 +42,8 @@ if SIMULATOR:
 STRATEGY_ENV = "GPUCE_CUDA_STRATEGY"
 STRATEGIES = cuda_registry.STRATEGIES
 SPLIT_MIN_C = 16384          # auto split: only rows this long ...
-STATIC_SMEM = 48 * 1024      # dynamic shared memory a kernel gets without opting in
+STATIC_SMEM = 48 * 1024      # shared memory a block gets without opting in
+SMEM_BUFFERS = 512           # the reductions' own shared arrays (2 x 32 float64)
 _state = threading.local()
 
 
@@ -305,9 +306,7 @@ def _external_stream(ptr):
     if not ptr:
         return 0  # the legacy default stream
     s = _STREAMS.get(ptr)
-    if s is None:
-        if len(_STREAMS) > 256:
-            _STREAMS.clear()
+    if s is None:  # kept: launch configurations are cached by id(stream)
         s = _STREAMS[ptr] = cuda.external_stream(ptr)
     return s
 
@@ -454,27 +453,25 @@ def _on_device(dev_id):
 
 
 def _allow_smem(name, key, nbytes, dev):
-    """Let a block_cached kernel use more than 48 KiB of dynamic shared memory."""
-    if nbytes <= STATIC_SMEM or SIMULATOR:
+    """Can a block_cached kernel get ``nbytes`` of dynamic shared memory? Beyond 48 KiB this
+    opts the kernel in (once per kernel and device), up to the device's limit."""
+    if nbytes + SMEM_BUFFERS <= STATIC_SMEM:
         return True
-    if nbytes > dev.smem_optin:
+    if SIMULATOR or nbytes + SMEM_BUFFERS > dev.smem_optin:
         return False
     ck = (name, key, cuda.current_context().device.id)
-    have = _BIG_SMEM.get(ck, STATIC_SMEM)
-    if have >= nbytes:
-        return True
-    try:
-        from numba.cuda.cudadrv import driver
-        k = _kernel(name, key)
-        _, sig, _ = cuda_registry.spec(name, key)
-        func = k.overloads[sig.args]._codelibrary.get_cufunc()
-        attr = driver.binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        driver.driver.cuKernelSetAttribute(attr, dev.smem_optin, func.handle, func.device.id)
-    except Exception:  # an older numba-cuda: stay within the default
-        _BIG_SMEM[ck] = STATIC_SMEM
-        return False
-    _BIG_SMEM[ck] = dev.smem_optin
-    return True
+    if ck not in _BIG_SMEM:
+        try:
+            from numba.cuda.cudadrv import driver
+            _, sig, _ = cuda_registry.spec(name, key)
+            func = _kernel(name, key).overloads[sig.args]._codelibrary.get_cufunc()
+            attr = driver.binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            driver.driver.cuKernelSetAttribute(attr, dev.smem_optin - SMEM_BUFFERS, func.handle,
+                                               func.device.id)
+            _BIG_SMEM[ck] = True
+        except Exception:  # a numba-cuda without these internals: stay within 48 KiB
+            _BIG_SMEM[ck] = False
+    return _BIG_SMEM[ck]
 
 
 class _Plan:
@@ -485,7 +482,6 @@ class _Plan:
         acc_size = np.dtype(traits(dt).acc_name).itemsize
         forced = _forced_strategy()
         strategy = forced or self._auto(n_rows, n_cls, dt, dev, acc_size)
-        self.strategy = strategy
         self.n_split = 0
         self.shmem = 0
         if strategy == "warp":
@@ -497,16 +493,16 @@ class _Plan:
             self.block = 64 if SIMULATOR else WARP_BLOCK
             per_block = self.block // tpr
             self.grid = max(1, min(-(-n_rows // per_block), dev.max_grid))
-            self.part = part
+            self.part, self.strategy = part, "warp"
             return
         self.block = 64 if SIMULATOR else int(min(MAX_BLOCK, max(128, _pow2ceil(n_cls // 8))))
         if strategy == "block_cached":
             self.shmem = n_cls * acc_size
-            name = f"{family}_block_cached"
-            if not _allow_smem(name, dt, self.shmem, dev):
-                limit = (dev.smem_optin if self.shmem <= dev.smem_optin else STATIC_SMEM)
-                raise ValueError(f"strategy: block_cached holds rows of at most "
-                                 f"{limit // acc_size} {dt} values, got {n_cls}")
+            if not _allow_smem(f"{family}_block_cached", dt, self.shmem, dev):
+                if forced:
+                    raise ValueError(f"strategy: block_cached cannot hold {n_cls} {dt} values "
+                                     f"per row in shared memory on this device")
+                strategy, self.shmem = "block", 0
         if strategy == "split":
             if SIMULATOR:
                 self.n_split = int(min(4, max(2, -(-n_cls // 64))))
@@ -514,10 +510,10 @@ class _Plan:
                 most = max(2, n_cls // (self.block * 8))  # chunks of >= 8 values per thread
                 self.n_split = int(min(most, 1024, max(2, -(-2 * dev.sms // max(n_rows, 1)))))
             self.grid = max(1, min(n_rows * self.n_split, dev.max_grid))
-            self.part = "split"
+            self.part = self.strategy = "split"
             return
         self.grid = max(1, min(n_rows, dev.max_grid))
-        self.part = strategy
+        self.part = self.strategy = strategy
 
     @staticmethod
     def _auto(n_rows, n_cls, dt, dev, acc_size):
@@ -525,8 +521,8 @@ class _Plan:
             return "warp"
         if n_rows < dev.sms and n_cls >= SPLIT_MIN_C:
             return "split"
-        if n_cls * acc_size <= dev.smem_optin:
-            return "block_cached"
+        if n_cls * acc_size + SMEM_BUFFERS <= dev.smem_optin:
+            return "block_cached"  # (falls back to block if the opt-in fails)
         return "block"
 
 
@@ -568,13 +564,13 @@ class CudaBackend:
     def _softmax_entry(self, x, axis, dt, out, mode):
         lib, xa = _lib_for(x)
         outa = None if out is None else _lib_for(out)[1]
-        if lib is _NUMBA and (axis != xa.ndim - 1 or not xa.is_c_contiguous() or
-                              (outa is not None and not outa.is_c_contiguous())):
-            lib, xa = _relayout(xa)
-            res = self._softmax(lib, xa, axis, dt, None if outa is None else _relayout(outa)[1],
-                                mode)
-            return out if out is not None else _to_numba(res)
         with _on_device(lib.device(xa)):
+            if lib is _NUMBA and (axis != xa.ndim - 1 or not xa.is_c_contiguous() or
+                                  (outa is not None and not outa.is_c_contiguous())):
+                lib, xa = _relayout(xa)
+                outa = None if outa is None else _relayout(outa)[1]
+                res = self._softmax(lib, xa, axis, dt, outa, mode)
+                return out if out is not None else _to_numba(res)
             res = self._softmax(lib, xa, axis, dt, outa, mode)
         return out if out is not None else res
 
@@ -596,8 +592,8 @@ class CudaBackend:
         direct = None
         if out is not None:
             out_rows = lib.moveaxis(out, axis, -1)
-            if lib.contiguous(out_rows) and (not _overlap(lib, out_rows, rows) or
-                                             _same_buffer(lib, out_rows, rows)):
+            if lib.contiguous(out_rows) and (not _overlap(out_rows, rows) or
+                                             _same_buffer(out_rows, rows)):
                 direct = out_rows  # written in place (x itself is fine: see the kernels)
         dest = direct if direct is not None else lib.empty(x, moved, dt)
         if n_rows and n_cls:
@@ -632,17 +628,15 @@ class CudaBackend:
 
     def cross_entropy(self, req):
         lib, x = _lib_for(req.logits)
-        if lib is _NUMBA and not all(
-                _lib_for(a)[1].is_c_contiguous() for a in
-                (req.logits, req.target, req.weight, req.grad_output, req.out)
-                if a is not None and not isinstance(a, (int, float))):
-            loss, grad = self._cross_entropy(*self._relayout_request(req))
-            if grad is not None and not req.inplace and req.out is None:
-                grad = _to_numba(grad)
-            elif grad is not None:
-                grad = req.logits if req.inplace else req.out
-            return _to_numba(loss), grad
+        arrays = [a for a in (req.logits, req.target, req.weight, req.grad_output, req.out)
+                  if a is not None and not isinstance(a, (int, float))]
         with _on_device(lib.device(x)):
+            if lib is _NUMBA and not all(_lib_for(a)[1].is_c_contiguous() for a in arrays):
+                loss, grad = self._cross_entropy(*self._relayout_request(req))
+                if grad is not None:
+                    grad = (req.logits if req.inplace else req.out if req.out is not None
+                            else _to_numba(grad))
+                return _to_numba(loss), grad
             return self._cross_entropy(lib, req)
 
     def _relayout_request(self, req):
@@ -678,18 +672,19 @@ class CudaBackend:
         loss_v = lib.kview(loss_rows, acc_dt)
         # unused array arguments get stand-ins of the right type that the kernel never touches
         if req.soft:
-            q_v = self._converted(lib, req.target, dt, -1)
+            q_v = self._converted(req.target, dt, -1, stream)
             t_v = _stand_in(lib, x, "int64")
         else:
-            t_v = self._converted(lib, req.target, "int64", None)
+            t_v = self._converted(req.target, "int64", None, stream)
             q_v = x_v
         weighted = req.weight is not None
-        w_v = self._converted(lib, req.weight, acc_name, None) if weighted else loss_v
+        w_v = (self._converted(req.weight, acc_name, None, stream) if weighted
+               else loss_v)
         go = req.grad_output
         if go is None or isinstance(go, (int, float)):
             go_mode, go_scalar, go_v = 0, A(1.0 if go is None else go), loss_v
         else:
-            go_v = self._converted(lib, go, acc_name, None)
+            go_v = self._converted(go, acc_name, None, stream)
             go_mode, go_scalar = (1 if req.reduction == "none" else 2), A(1.0)
         g_v, finish = x_v, None
         if req.want_grad:
@@ -707,9 +702,13 @@ class CudaBackend:
             elif n_rows:
                 st_v = lib.kview(lib.empty(x, (2,), acc_name), acc_dt)
                 use_st = 1
-                _launch("ce_target_stats", acc_name, 1, _SMALL_BLOCK, stream, 0, t_v, w_v, st_v,
-                        np.int64(n_rows), np.int64(n_cls), np.int64(req.ignore_index),
+                n_part = _partials(n_rows)
+                part = lib.kview(lib.empty(x, (2 * n_part,), "float64"), _F64)
+                _launch("ce_target_stats", acc_name, n_part, _SMALL_BLOCK, stream, 0, t_v, w_v,
+                        part, np.int64(n_rows), np.int64(n_cls), np.int64(req.ignore_index),
                         np.int64(weighted))
+                _launch("ce_target_stats_finish", acc_name, 1, _SMALL_BLOCK, stream, 0, part,
+                        st_v, np.int64(n_part))
 
         if n_rows:
             plan = _Plan("ce", n_rows, n_cls, dt, _device_info(lib.device(x)))
@@ -728,15 +727,19 @@ class CudaBackend:
             else:
                 _launch(f"ce_{plan.part}", dt, plan.grid, plan.block, stream, plan.shmem, x_v,
                         g_v, q_v, t_v, w_v, go_v, loss_v, st_v, *ints, *floats, np.int64(0))
-        if req.reduction != "none":
-            _launch("rows_sum", acc_name, 1, _SMALL_BLOCK, stream, 0, loss_v,
-                    lib.kview(lib.reshape(loss, (1,)), acc_dt), np.int64(n_rows))
+        if req.reduction != "none":  # the sum of the row losses, on the device
+            n_part = _partials(n_rows)
+            part = lib.kview(lib.empty(x, (n_part,), "float64"), _F64)
+            _launch("rows_sum", acc_name, n_part, _SMALL_BLOCK, stream, 0, loss_v, part,
+                    np.int64(n_rows))
+            _launch("rows_sum_finish", acc_name, 1, _SMALL_BLOCK, stream, 0, part,
+                    lib.kview(lib.reshape(loss, (1,)), acc_dt), np.int64(n_part))
         return loss, (finish() if finish is not None else None)
 
     def _grad_buffer(self, lib, req, x, rows, T):
         """(numba view the kernel writes, function returning the user's gradient)."""
         if req.inplace:
-            if _same_buffer(lib, rows, x):
+            if _same_buffer(rows, x):
                 return lib.kview(rows, T.raw), lambda: req.logits
 
             def copy_back():  # strided logits: the kernel wrote the contiguous copy
@@ -744,10 +747,12 @@ class CudaBackend:
                 return req.logits
             return lib.kview(rows, T.raw), copy_back
         if req.out is not None:
-            _, out = _lib_for(req.out)
-            if lib.contiguous(out) and (not _overlap(lib, out, rows) or
-                                        _same_buffer(lib, out, rows)):
-                return lib.kview(out, T.raw), lambda: req.out
+            lib_out, out = _lib_for(req.out)
+            if lib_out.contiguous(out) and (not _overlap(out, rows) or _same_buffer(out, rows)):
+                return lib_out.kview(out, T.raw), lambda: req.out
+            if lib_out is not lib:
+                raise TypeError("out: a non-contiguous out= must come from the logits' array "
+                                "library")
             tmp = lib.empty(x, tuple(x.shape), req.dtype)
 
             def copy_out():
@@ -757,11 +762,17 @@ class CudaBackend:
         grad = lib.empty(x, tuple(x.shape), req.dtype)
         return lib.kview(grad, T.raw), lambda: grad
 
-    def _converted(self, lib, a, dt, axis):
-        """Flat C-order kernel view of ``a`` as dtype ``dt``, converted on the device if needed."""
-        _, a = _lib_for(a)
+    def _converted(self, a, dt, axis, stream):
+        """Flat C-order kernel view of ``a`` as dtype ``dt``, converted on the device (on the
+        logits' ``stream``) if needed. ``a`` may come from another array library."""
+        lib, a = _lib_for(a)
         if axis is not None or (a.ndim and not lib.contiguous(a)):
-            a = lib.rows(a, a.ndim - 1 if axis is None else axis)
+            axis = a.ndim - 1 if axis is None else axis
+            try:
+                a = lib.rows(a, axis)
+            except _NeedsLayout:
+                lib, a = _relayout(a)
+                a = lib.rows(a, axis)
         src = _dtype_name(a)
         raw = np.dtype(np.int64) if dt == "int64" else traits(dt).raw
         if src == dt:
@@ -770,7 +781,7 @@ class CudaBackend:
         n = math.prod(a.shape)
         if n:
             src_raw = traits(src).raw if src in _FLOATS else np.dtype(src)
-            _launch("convert", (src, dt), _grid_for(n), _SMALL_BLOCK, lib.stream(a), 0,
+            _launch("convert", (src, dt), _grid_for(n), _SMALL_BLOCK, stream, 0,
                     lib.kview(a, src_raw), lib.kview(dst, raw), np.int64(n))
         return lib.kview(dst, raw)
 
@@ -789,8 +800,16 @@ _FLOATS = ("float16", "bfloat16", "float32", "float64")
 _SMALL_BLOCK = 64 if SIMULATOR else MAX_BLOCK  # threads of the one-block helper kernels
 
 
+_F64 = np.dtype(np.float64)
+
+
 def _grid_for(n):
     return max(1, min(-(-n // _SMALL_BLOCK), 2 if SIMULATOR else 1024))
+
+
+def _partials(n):
+    """Blocks of a two-level sum over n rows: a fixed function of n, so sums are repeatable."""
+    return 2 if SIMULATOR else max(1, min(-(-n // (_SMALL_BLOCK * 16)), 512))
 
 
 _STAND_INS = {}
@@ -805,15 +824,16 @@ def _stand_in(lib, like, dt):
     return a
 
 
-def _overlap(lib, a, b):
-    a0, a1 = lib.span(a)
-    b0, b1 = lib.span(b)
+def _overlap(a, b):
+    a0, a1 = _lib_for(a)[0].span(a)
+    b0, b1 = _lib_for(b)[0].span(b)
     return a0 < b1 and b0 < a1
 
 
-def _same_buffer(lib, a, b):
-    return (lib.ptr(a) == lib.ptr(b) and tuple(a.shape) == tuple(b.shape)
-            and tuple(lib.strides(a)) == tuple(lib.strides(b)))
+def _same_buffer(a, b):
+    la, lb = _lib_for(a)[0], _lib_for(b)[0]
+    return (la.ptr(a) == lb.ptr(b) and tuple(a.shape) == tuple(b.shape)
+            and tuple(la.strides(a)) == tuple(lb.strides(b)))
 
 
 _dispatch.register(CudaBackend())

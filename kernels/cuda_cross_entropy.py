@@ -354,64 +354,122 @@ def ce_kernel(strategy, dt):
 
 # ---- helpers around the main kernels ------------------------------------------------------
 
+# Sums over rows run in two deterministic levels: ``G`` blocks each reduce a fixed, strided
+# share into one float64 partial, then one block adds the G partials in order. No atomics, so
+# the same call on the same device gives the same bits; many blocks, so large N stays cheap.
+
 def stats_signature(acc_name):
     a = getattr(types, acc_name)
     i64 = types.int64
-    return types.void(array(i64), array(a), array(a), i64, i64, i64, i64)
+    return types.void(array(i64), array(a), array(types.float64), i64, i64, i64, i64)
 
 
 @lru_cache(maxsize=None)
 def target_stats_kernel(acc_name):
-    """One block: st = [1/sum w_y, 1/kept rows] over the kept rows with a valid target (0 where
-    the sum is 0: every row ignored gives a zero loss and gradient). Sums in float64, in a
-    fixed order, so the divisor is deterministic."""
+    """part[2b], part[2b+1] = block b's share of (sum of w_y, count) over the kept rows with
+    a valid target."""
+    RD = reductions(np.float64)
+    f64 = types.float64
+    i64 = types.int64
+    ZERO64, ONE64 = np.float64(0.0), np.float64(1.0)
+
+    def ce_target_stats(tgt, w, part, n_rows, n_cls, ignore_index, weighted):
+        buf = cuda.shared.array(32, f64)
+        tid = i64(cuda.threadIdx.x)
+        bd = i64(cuda.blockDim.x)
+        sw = ZERO64
+        kept = ZERO64
+        for i in range(i64(cuda.blockIdx.x) * bd + tid, n_rows, i64(cuda.gridDim.x) * bd):
+            y = tgt[U(i)]
+            if y != ignore_index and y >= 0 and y < n_cls:
+                sw += f64(w[U(y)]) if weighted else ONE64
+                kept += ONE64
+        sw = RD.block_sum(sw, buf)
+        kept = RD.block_sum(kept, buf)
+        if tid == 0:
+            part[U(2 * i64(cuda.blockIdx.x))] = sw
+            part[U(2 * i64(cuda.blockIdx.x) + 1)] = kept
+    return ce_target_stats
+
+
+def stats_finish_signature(acc_name):
+    a = getattr(types, acc_name)
+    return types.void(array(types.float64), array(a), types.int64)
+
+
+@lru_cache(maxsize=None)
+def target_stats_finish_kernel(acc_name):
+    """One block: st = [1/sum w_y, 1/kept rows] from the partials; 0 where a sum is 0 (every
+    row ignored: a zero loss and gradient)."""
     RD = reductions(np.float64)
     f64 = types.float64
     i64 = types.int64
     A = np.dtype(acc_name).type
-    ZERO64 = np.float64(0.0)
+    ZERO64, ONE64 = np.float64(0.0), np.float64(1.0)
 
-    def ce_target_stats(tgt, w, st, n_rows, n_cls, ignore_index, weighted):
+    def ce_target_stats_finish(part, st, n_part):
         buf = cuda.shared.array(32, f64)
-        tid = i64(cuda.threadIdx.x)
         sw = ZERO64
         kept = ZERO64
-        for i in range(tid, n_rows, i64(cuda.blockDim.x)):
-            y = tgt[U(i)]
-            if y != ignore_index and y >= 0 and y < n_cls:
-                sw += f64(w[U(y)]) if weighted else f64(1.0)
-                kept += f64(1.0)
+        for b in range(i64(cuda.threadIdx.x), n_part, i64(cuda.blockDim.x)):
+            sw += part[U(2 * b)]
+            kept += part[U(2 * b + 1)]
         sw = RD.block_sum(sw, buf)
         kept = RD.block_sum(kept, buf)
-        if tid == 0:
-            st[0] = A(0.0) if sw == ZERO64 else A(f64(1.0) / sw)
-            st[1] = A(0.0) if kept == ZERO64 else A(f64(1.0) / kept)
-    return ce_target_stats
+        if cuda.threadIdx.x == 0:
+            st[0] = A(0.0) if sw == ZERO64 else A(ONE64 / sw)
+            st[1] = A(0.0) if kept == ZERO64 else A(ONE64 / kept)
+    return ce_target_stats_finish
 
 
 def rows_sum_signature(acc_name):
     a = getattr(types, acc_name)
-    return types.void(array(a), array(a), types.int64)
+    return types.void(array(a), array(types.float64), types.int64)
 
 
 @lru_cache(maxsize=None)
 def rows_sum_kernel(acc_name):
-    """One block: out[0] = sum of the row losses, in float64 and a fixed order (no atomics)."""
+    """part[b] = block b's share of the sum of the row losses, in float64."""
     RD = reductions(np.float64)
     f64 = types.float64
+    i64 = types.int64
+    ZERO64 = np.float64(0.0)
+
+    def rows_sum(vals, part, n):
+        buf = cuda.shared.array(32, f64)
+        bd = i64(cuda.blockDim.x)
+        t = ZERO64
+        for i in range(i64(cuda.blockIdx.x) * bd + i64(cuda.threadIdx.x), n,
+                       i64(cuda.gridDim.x) * bd):
+            t += f64(vals[U(i)])
+        t = RD.block_sum(t, buf)
+        if cuda.threadIdx.x == 0:
+            part[U(cuda.blockIdx.x)] = t
+    return rows_sum
+
+
+def sum_finish_signature(acc_name):
+    a = getattr(types, acc_name)
+    return types.void(array(types.float64), array(a), types.int64)
+
+
+@lru_cache(maxsize=None)
+def sum_finish_kernel(acc_name):
+    """One block: out[0] = the sum of the partials, added in a fixed order."""
+    RD = reductions(np.float64)
     i64 = types.int64
     A = np.dtype(acc_name).type
     ZERO64 = np.float64(0.0)
 
-    def rows_sum(vals, out, n):
-        buf = cuda.shared.array(32, f64)
+    def rows_sum_finish(part, out, n_part):
+        buf = cuda.shared.array(32, types.float64)
         t = ZERO64
-        for i in range(i64(cuda.threadIdx.x), n, i64(cuda.blockDim.x)):
-            t += f64(vals[U(i)])
+        for b in range(i64(cuda.threadIdx.x), n_part, i64(cuda.blockDim.x)):
+            t += part[U(b)]
         t = RD.block_sum(t, buf)
         if cuda.threadIdx.x == 0:
             out[0] = A(t)
-    return rows_sum
+    return rows_sum_finish
 
 
 def check_targets_signature():

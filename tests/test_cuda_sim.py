@@ -217,14 +217,13 @@ def test_half_rounding_is_exact(dt):
                        dtype=np.float32)
     vals = np.concatenate([bits.view(np.float32), special])
     be = _cuda.CudaBackend()
-    lib = _cuda._SIM
-    raw = be._converted(lib, KIND.to(vals), dt, None)  # the convert kernel
+    raw = be._converted(KIND.to(vals), dt, None, 0)  # the convert kernel
     got = raw.copy_to_host().view(DTYPES[dt])
     want = vals.astype(DTYPES[dt])
     nan = np.isnan(want.astype(np.float32))
     assert (np.isnan(got.astype(np.float32)) == nan).all()
     assert (got.view(np.uint16)[~nan] == want.view(np.uint16)[~nan]).all()
-    back = be._converted(lib, KIND.to(got), "float32", None).copy_to_host()
+    back = be._converted(KIND.to(got), "float32", None, 0).copy_to_host()
     np.testing.assert_array_equal(back, got.astype(np.float32))
 
 

@@ -228,7 +228,7 @@ def test_gpu_half_rounding_is_exact(dt):
                                      np.nan], np.float32)])
     be = _cuda.CudaBackend()
     lib, xd = _cuda._lib_for(kind.to(vals))
-    got = be._converted(lib, xd, dt, None).copy_to_host().view(DTYPES[dt])
+    got = be._converted(xd, dt, None, lib.stream(xd)).copy_to_host().view(DTYPES[dt])
     with np.errstate(all="ignore"):
         want = vals.astype(DTYPES[dt])
     nan = np.isnan(want.astype(np.float32))
