@@ -1,6 +1,8 @@
 """CPU backend: numpy arrays and CPU torch tensors, run by the @njit kernels."""
 import sys
+from contextlib import contextmanager
 
+import numba
 import numpy as np
 
 from . import _dispatch
@@ -118,7 +120,8 @@ class CpuBackend:
     @staticmethod
     def _run_softmax(k, rows, dest_rows, log):
         if rows.size:
-            k["log_softmax" if log else "softmax"](rows, dest_rows, 0.0, _per_block(rows))
+            with _threads_for(rows):
+                k["log_softmax" if log else "softmax"](rows, dest_rows, 0.0, *_launch_shape(rows))
 
     def logsumexp(self, x, axis, dt):
         xr = raw(to_numpy(x), dt)
@@ -126,7 +129,8 @@ class CpuBackend:
         res = np.empty(rows.shape[0], dtype=_ACC[dt])
         if rows.shape[0]:
             if rows.shape[1]:
-                _kernels(dt, None)["logsumexp"](rows, res, 0.0, _per_block(rows))
+                with _threads_for(rows):
+                    _kernels(dt, None)["logsumexp"](rows, res, 0.0, *_launch_shape(rows))
             else:
                 res[:] = -np.inf
         shape = np.moveaxis(xr, axis, -1).shape[:-1]
@@ -168,23 +172,24 @@ class CpuBackend:
         grad_rows, finish = self._grad_buffer(req, rows, logits_np)
         loss_rows = np.empty(n_rows, dtype=acc)
         if n_rows:
-            pb = _per_block(rows)
-            inplace = grad_rows is rows and req.want_grad and _shares(rows, logits_np)
-            if req.soft:
-                if inplace:
-                    k["ce_soft_inplace"](rows, q_rows, weight, go, go_step, inv_ce, eps, zl, cap,
-                                         loss_rows, pb)
+            with _threads_for(rows):
+                pb, tasks = _launch_shape(rows)
+                inplace = grad_rows is rows and req.want_grad and _shares(rows, logits_np)
+                if req.soft:
+                    if inplace:
+                        k["ce_soft_inplace"](rows, q_rows, weight, go, go_step, inv_ce, eps, zl, cap,
+                                             loss_rows, pb, tasks)
+                    else:
+                        k["ce_soft"](rows, grad_rows, q_rows, weight, go, go_step, inv_ce, eps, zl,
+                                     cap, loss_rows, req.want_grad, pb, tasks)
                 else:
-                    k["ce_soft"](rows, grad_rows, q_rows, weight, go, go_step, inv_ce, eps, zl,
-                                 cap, loss_rows, req.want_grad, pb)
-            else:
-                w_sum = acc(weight.sum(dtype=np.float64))
-                if inplace:
-                    k["ce_hard_inplace"](rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z, eps,
-                                         zl, cap, req.ignore_index, loss_rows, pb)
-                else:
-                    k["ce_hard"](rows, grad_rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z,
-                                 eps, zl, cap, req.ignore_index, loss_rows, req.want_grad, pb)
+                    w_sum = acc(weight.sum(dtype=np.float64))
+                    if inplace:
+                        k["ce_hard_inplace"](rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z, eps,
+                                             zl, cap, req.ignore_index, loss_rows, pb, tasks)
+                    else:
+                        k["ce_hard"](rows, grad_rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z,
+                                     eps, zl, cap, req.ignore_index, loss_rows, req.want_grad, pb, tasks)
         if req.reduction == "none":
             loss = loss_rows.reshape(req.row_shape)
             loss = wrap_loss(req.logits, loss) if _is_cpu_tensor(req.logits) else loss
@@ -232,14 +237,32 @@ class CpuBackend:
         return grad_np.reshape(rows.shape), lambda: wrap(req.logits, grad_np, dt)
 
 
+SERIAL_BELOW = 1 << 16  # elements; under this, waking the thread pool costs more than the work
+
+
+@contextmanager
+def _threads_for(rows):
+    """Run small calls on the calling thread alone: a parallel launch of a tiny kernel can
+    take milliseconds when the other cores are busy."""
+    if rows.size >= SERIAL_BELOW or numba.get_num_threads() == 1:
+        yield
+        return
+    saved = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(saved)
+
+
 def _check_writeable(a, name):
     if not a.flags.writeable:
         raise ValueError(f"{name}: the array is read-only, so the result cannot be written into it")
 
 
-def _per_block(rows):
+def _launch_shape(rows):
     from .kernels import cpu
-    return cpu.rows_per_block(rows.shape[1])
+    return cpu.launch_shape(rows.shape[0], rows.shape[1], numba.get_num_threads())
 
 
 def _shares(rows, base):

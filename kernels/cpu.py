@@ -15,7 +15,6 @@ functions, so every dtype runs the same source.
 import math
 from functools import lru_cache
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -37,8 +36,11 @@ _TRAITS = {
 }
 
 
-def rows_per_block(n_cls):
-    return max(1, BLOCK_ELEMS // max(n_cls, 1))
+def launch_shape(n_rows, n_cls, n_threads):
+    """(rows per block, tasks): blocks of about BLOCK_ELEMS, a few tasks per thread."""
+    per_block = max(1, BLOCK_ELEMS // max(n_cls, 1))
+    n_blocks = (n_rows + per_block - 1) // per_block
+    return per_block, max(1, min(n_blocks, 4 * n_threads))
 
 
 @lru_cache(maxsize=None)
@@ -117,19 +119,26 @@ def make_kernels(dtype_name, softcapped):
 
     @inner
     def new_scratch(per_block, n_cls):
-        # one e buffer per thread, allocated once per call: a fresh buffer per block would
+        # one e buffer per task (a few tasks per thread): a fresh buffer per block would
         # cost a malloc (an mmap and page faults for long rows) every few rows
-        return np.empty((numba.get_num_threads(), per_block, n_cls), dtype=acc)
+        return (np.empty((per_block, n_cls), dtype=acc), np.empty(per_block, dtype=acc),
+                np.empty(per_block, dtype=acc))
 
     @inner
     def scratch_rows(scratch, r0, r1):
-        return scratch[numba.get_thread_id()][: r1 - r0]
+        return scratch[: r1 - r0]
 
     @inner
     def e_buffer(out, scratch, r0, r1):
         if e_in_out and out.shape[0] > 0:
             return out[r0:r1]
         return scratch_rows(scratch, r0, r1)
+
+    @inner
+    def task_blocks(t, n_tasks, n_rows, per_block):
+        """Blocks t of n_tasks contiguous shares of the rows; each task is one prange step."""
+        n_blocks = (n_rows + per_block - 1) // per_block
+        return range(t * n_blocks // n_tasks, (t + 1) * n_blocks // n_tasks)
 
     @inner
     def block_bounds(b, n_rows, per_block):
@@ -143,51 +152,48 @@ def make_kernels(dtype_name, softcapped):
     # ---- softmax / log_softmax / logsumexp -------------------------------------
 
     @outer
-    def softmax(x, out, cap, per_block):
+    def softmax(x, out, cap, per_block, n_tasks):
         n_rows, n_cls = x.shape
-        scratch = new_scratch(per_block, n_cls)
-        for b in prange((n_rows + per_block - 1) // per_block):
-            r0, r1 = block_bounds(b, n_rows, per_block)
-            e = e_buffer(out, scratch, r0, r1)
-            m = np.empty(r1 - r0, dtype=acc)
-            s = np.empty(r1 - r0, dtype=acc)
-            block_stats(x, e, m, s, r0, r1, cap)
-            for r in range(r0, r1):
-                inv = ONE / s[r - r0] if s[r - r0] > ZERO else ZERO
-                er = e[r - r0]
-                o = er if e_in_out else out[r]  # one name when e is the output row
-                for c in range(n_cls):
-                    o[c] = store(er[c] * inv)
+        for t in prange(n_tasks):
+            scratch, m, s = new_scratch(per_block, n_cls)
+            for b in task_blocks(t, n_tasks, n_rows, per_block):
+                r0, r1 = block_bounds(b, n_rows, per_block)
+                e = e_buffer(out, scratch, r0, r1)
+                block_stats(x, e, m, s, r0, r1, cap)
+                for r in range(r0, r1):
+                    inv = ONE / s[r - r0] if s[r - r0] > ZERO else ZERO
+                    er = e[r - r0]
+                    o = er if e_in_out else out[r]  # one name when e is the output row
+                    for c in range(n_cls):
+                        o[c] = store(er[c] * inv)
 
     @outer
-    def log_softmax(x, out, cap, per_block):
+    def log_softmax(x, out, cap, per_block, n_tasks):
         n_rows, n_cls = x.shape
-        scratch = new_scratch(per_block, n_cls)
-        for b in prange((n_rows + per_block - 1) // per_block):
-            r0, r1 = block_bounds(b, n_rows, per_block)
-            e = scratch_rows(scratch, r0, r1)
-            m = np.empty(r1 - r0, dtype=acc)
-            s = np.empty(r1 - r0, dtype=acc)
-            block_stats(x, e, m, s, r0, r1, cap)
-            for r in range(r0, r1):
-                lse = m[r - r0] + log_of(s[r - r0])
-                xr = x[r]
-                o = out[r]
-                for c in range(n_cls):
-                    o[c] = store(logit(xr[c], cap) - lse)
+        for t in prange(n_tasks):
+            scratch, m, s = new_scratch(per_block, n_cls)
+            for b in task_blocks(t, n_tasks, n_rows, per_block):
+                r0, r1 = block_bounds(b, n_rows, per_block)
+                e = scratch_rows(scratch, r0, r1)
+                block_stats(x, e, m, s, r0, r1, cap)
+                for r in range(r0, r1):
+                    lse = m[r - r0] + log_of(s[r - r0])
+                    xr = x[r]
+                    o = out[r]
+                    for c in range(n_cls):
+                        o[c] = store(logit(xr[c], cap) - lse)
 
     @outer
-    def logsumexp(x, out, cap, per_block):
+    def logsumexp(x, out, cap, per_block, n_tasks):
         n_rows, n_cls = x.shape
-        scratch = new_scratch(per_block, n_cls)
-        for b in prange((n_rows + per_block - 1) // per_block):
-            r0, r1 = block_bounds(b, n_rows, per_block)
-            e = scratch_rows(scratch, r0, r1)
-            m = np.empty(r1 - r0, dtype=acc)
-            s = np.empty(r1 - r0, dtype=acc)
-            block_stats(x, e, m, s, r0, r1, cap)
-            for r in range(r0, r1):
-                out[r] = m[r - r0] + log_of(s[r - r0])
+        for t in prange(n_tasks):
+            scratch, m, s = new_scratch(per_block, n_cls)
+            for b in task_blocks(t, n_tasks, n_rows, per_block):
+                r0, r1 = block_bounds(b, n_rows, per_block)
+                e = scratch_rows(scratch, r0, r1)
+                block_stats(x, e, m, s, r0, r1, cap)
+                for r in range(r0, r1):
+                    out[r] = m[r - r0] + log_of(s[r - r0])
 
     # ---- cross entropy ---------------------------------------------------------
     # Row loss (hard target y, smoothing eps, weights w, W = sum w):
@@ -238,10 +244,8 @@ def make_kernels(dtype_name, softcapped):
     def make_ce_hard_block(grad_in_e):
         # grad_in_e: the gradient rows are the e rows; passing one name keeps loops vectorised
         @inner
-        def ce_hard_block(x, g, e, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
+        def ce_hard_block(x, g, e, m, s, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
                           cap, ignore_index, loss_out, write_grad):
-            m = np.empty(r1 - r0, dtype=acc)
-            s = np.empty(r1 - r0, dtype=acc)
             block_stats(x, e, m, s, r0, r1, cap)
             for r in range(r0, r1):
                 gr = e[r - r0] if grad_in_e else g[r]
@@ -262,27 +266,29 @@ def make_kernels(dtype_name, softcapped):
 
     @outer
     def ce_hard(x, g, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, ignore_index,
-                loss_out, write_grad, per_block):
+                loss_out, write_grad, per_block, n_tasks):
         n_rows, n_cls = x.shape
-        scratch = new_scratch(per_block, n_cls)
-        for b in prange((n_rows + per_block - 1) // per_block):
-            r0, r1 = block_bounds(b, n_rows, per_block)
-            e = e_buffer(g, scratch, r0, r1) if write_grad else scratch_rows(scratch, r0, r1)
-            ce_hard_block(x, g, e, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
-                          cap, ignore_index, loss_out, write_grad)
+        for t in prange(n_tasks):
+            scratch, m, s = new_scratch(per_block, n_cls)
+            for b in task_blocks(t, n_tasks, n_rows, per_block):
+                r0, r1 = block_bounds(b, n_rows, per_block)
+                e = e_buffer(g, scratch, r0, r1) if write_grad else scratch_rows(scratch, r0, r1)
+                ce_hard_block(x, g, e, m, s, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
+                              cap, ignore_index, loss_out, write_grad)
 
     @outer
     def ce_hard_inplace(x, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap,
-                        ignore_index, loss_out, per_block):
+                        ignore_index, loss_out, per_block, n_tasks):
         # x is read through the same name it is written through, so loops stay vectorised;
         # z_y and the smoothing sum are read before the row is overwritten.
         n_rows, n_cls = x.shape
-        scratch = new_scratch(per_block, n_cls)
-        for b in prange((n_rows + per_block - 1) // per_block):
-            r0, r1 = block_bounds(b, n_rows, per_block)
-            e = scratch_rows(scratch, r0, r1)
-            ce_hard_block_inplace(x, x, e, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
-                          cap, ignore_index, loss_out, True)
+        for t in prange(n_tasks):
+            scratch, m, s = new_scratch(per_block, n_cls)
+            for b in task_blocks(t, n_tasks, n_rows, per_block):
+                r0, r1 = block_bounds(b, n_rows, per_block)
+                e = scratch_rows(scratch, r0, r1)
+                ce_hard_block_inplace(x, x, e, m, s, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
+                              cap, ignore_index, loss_out, True)
 
     # Soft targets q (already in the logits' storage dtype), q' = (1-eps) q + eps/C:
     #   loss = Q lse - sum_c w_c q'_c z_c with Q = sum_c w_c q'_c;  grad = Q p_c - w_c q'_c.
@@ -312,10 +318,8 @@ def make_kernels(dtype_name, softcapped):
 
     def make_ce_soft_block(grad_in_e):
         @inner
-        def ce_soft_block(x, g, e, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
+        def ce_soft_block(x, g, e, m, s, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
                           write_grad):
-            m = np.empty(r1 - r0, dtype=acc)
-            s = np.empty(r1 - r0, dtype=acc)
             block_stats(x, e, m, s, r0, r1, cap)
             for r in range(r0, r1):
                 gr = e[r - r0] if grad_in_e else g[r]
@@ -329,24 +333,28 @@ def make_kernels(dtype_name, softcapped):
     ce_soft_block_inplace = make_ce_soft_block(False)
 
     @outer
-    def ce_soft(x, g, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, write_grad, per_block):
+    def ce_soft(x, g, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, write_grad, per_block,
+                n_tasks):
         n_rows, n_cls = x.shape
-        scratch = new_scratch(per_block, n_cls)
-        for b in prange((n_rows + per_block - 1) // per_block):
-            r0, r1 = block_bounds(b, n_rows, per_block)
-            e = e_buffer(g, scratch, r0, r1) if write_grad else scratch_rows(scratch, r0, r1)
-            ce_soft_block(x, g, e, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
-                          write_grad)
+        for t in prange(n_tasks):
+            scratch, m, s = new_scratch(per_block, n_cls)
+            for b in task_blocks(t, n_tasks, n_rows, per_block):
+                r0, r1 = block_bounds(b, n_rows, per_block)
+                e = e_buffer(g, scratch, r0, r1) if write_grad else scratch_rows(scratch, r0, r1)
+                ce_soft_block(x, g, e, m, s, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
+                              write_grad)
 
     @outer
-    def ce_soft_inplace(x, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, per_block):
+    def ce_soft_inplace(x, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, per_block,
+                        n_tasks):
         n_rows, n_cls = x.shape
-        scratch = new_scratch(per_block, n_cls)
-        for b in prange((n_rows + per_block - 1) // per_block):
-            r0, r1 = block_bounds(b, n_rows, per_block)
-            e = scratch_rows(scratch, r0, r1)
-            ce_soft_block_inplace(x, x, e, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
-                          True)
+        for t in prange(n_tasks):
+            scratch, m, s = new_scratch(per_block, n_cls)
+            for b in task_blocks(t, n_tasks, n_rows, per_block):
+                r0, r1 = block_bounds(b, n_rows, per_block)
+                e = scratch_rows(scratch, r0, r1)
+                ce_soft_block_inplace(x, x, e, m, s, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
+                              True)
 
     return {
         "softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp,
