@@ -6,8 +6,10 @@ functions of cuda_rowmath and the reductions of cuda_reduce. Rows are ``n_cls`` 
 storage elements; row ``r`` starts at the 64-bit offset ``r * n_cls``.
 
 Strategies, by row length:
-  warp          ``tpr`` lanes (a power of two <= 32) own a row, held in registers (VPT per
-                lane), read once; several rows per warp and per block.
+  warp          a warp owns a row (``warp``: 32 lanes x 16 values, float64 8), or 4 lanes do
+                (``warp_narrow``, C <= 32: eight rows per warp). The row is held in registers,
+                read once; several rows per block. Lanes and values per lane are compile-time
+                constants, so the register array is fully unrolled and addressed by constants.
   block_cached  a block owns a row, cached in dynamic shared memory, read once.
   block         a block owns a row of any length: an online (max, sum) sweep, then a
                 gradient sweep (the row is read twice).
@@ -20,10 +22,11 @@ Kernel arguments (the same order everywhere; unused arrays get a harmless stand-
     w, go, loss, st: weights, grad_output, per-row losses, device-computed [1/den_ce, 1/den_z]
     (accumulator dtype); n_rows, n_cls, ignore_index, soft, weighted, write_grad, go_mode,
     use_st (int64); eps, zl, cap, go_scalar, inv_ce, inv_z (accumulator); then the
-    strategy's own integer (tpr, n_split or 0).
+    strategy's own integer (n_split, or an unused 0). The split kernels also take ``ws``, the
+    per-chunk partials (and each row's target logit, saved before any in-place write).
 
-Also here: the tiny helpers the host launches around them (mean divisors, the deterministic
-sum of row losses, target validation, dtype conversion).
+Also here: the small helpers the host launches around them (mean divisors, the
+deterministic sum of row losses, target validation, dtype conversion).
 """
 import math
 from functools import lru_cache
@@ -37,8 +40,7 @@ from .cuda_rowmath import ACTIVE, IDLE, rowmath
 
 U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
 WARP_BLOCK = 256   # threads per block of the warp strategy (launch bound)
-MAX_BLOCK = 512    # most threads per block of the block strategies (launch bound)
-
+MAX_BLOCK = 512    # most threads per block of the other kernels (launch bound: <= 128 regs)
 
 WARP_SHAPES = {  # strategy -> (lanes per row, logits per lane held in registers)
     "warp": (32, 16),

@@ -380,6 +380,12 @@ def test_strided_and_batched_inputs():
                                                    label_smoothing=0.1, inplace=True)
         assert grad is xt
         check_array(KIND.back(xt), ref_grad, "float32", "strided inplace")
+        # one row without a batch axis: 0-d target, 0-d loss
+        loss, grad = gpuce.cross_entropy_with_grad(KIND.to(x[1, 2]), KIND.to(t[1, 2]),
+                                                   reduction="none", label_smoothing=0.1)
+        assert loss.shape == () and grad.shape == (150,)
+        check_loss(KIND.back(loss), ref_loss[1, 2], "float32", "1-d loss")
+        check_array(KIND.back(grad), ref_grad[1, 2], "float32", "1-d grad")
 
 
 def test_converted_argument_dtypes():
