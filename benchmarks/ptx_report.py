@@ -30,7 +30,8 @@ def _one(job):
             res["ex2_approx"] = ptx.count("ex2.approx")
             out[cc] = res
             if ptx_dir:
-                label = cuda_ptx.key_label(key).replace("->", "_to_")
+                label = (cuda_ptx.key_label(key, name).replace("->", "_to_")
+                         .replace(",q=", "_q_"))
                 with open(os.path.join(ptx_dir, f"{name}.{label}.sm_{cc[0]}{cc[1]}.ptx"), "w") as f:
                     f.write(ptx)
         return out
@@ -63,13 +64,13 @@ def main(argv=None):
     for (name, key), res in zip(specs, results):
         if isinstance(res, str):
             failed += 1
-            print(f"| {name} | {cuda_ptx.key_label(key)} | - | FAILED: {res[:200]} |||||")
+            print(f"| {name} | {cuda_ptx.key_label(key, name)} | - | FAILED: {res[:200]} |||||")
             continue
         for cc, r in res.items():
             spill = r["spill_stores"] + r["spill_loads"]
             spilled += spill > 0
             mark = " **SPILLS**" if spill else ""
-            print(f"| {name} | {cuda_ptx.key_label(key)} | sm_{cc[0]}{cc[1]} | {r['registers']} | "
+            print(f"| {name} | {cuda_ptx.key_label(key, name)} | sm_{cc[0]}{cc[1]} | {r['registers']} | "
                   f"{r['spill_stores']}/{r['spill_loads']}{mark} | {r['stack']} | {r['smem']} | "
                   f"{r['v4_loads']} | {r['ex2_approx']} |")
     print(f"\n{len(specs)} kernels x {len(ccs)} targets in {time.time() - t0:.0f} s: "

@@ -477,7 +477,7 @@ def _allow_smem(name, key, nbytes, dev):
 class _Plan:
     """Strategy and launch shape for n_rows x n_cls."""
 
-    def __init__(self, family, n_rows, n_cls, dt, dev):
+    def __init__(self, family, n_rows, n_cls, dt, dev, key=None):
         self.family = family
         acc_size = np.dtype(traits(dt).acc_name).itemsize
         forced = _forced_strategy()
@@ -498,7 +498,7 @@ class _Plan:
         self.block = 64 if SIMULATOR else int(min(MAX_BLOCK, max(128, _pow2ceil(n_cls // 8))))
         if strategy == "block_cached":
             self.shmem = n_cls * acc_size
-            if not _allow_smem(f"{family}_block_cached", dt, self.shmem, dev):
+            if not _allow_smem(f"{family}_block_cached", key or dt, self.shmem, dev):
                 if forced:
                     raise ValueError(f"strategy: block_cached cannot hold {n_cls} {dt} values "
                                      f"per row in shared memory on this device")
@@ -671,8 +671,11 @@ class CudaBackend:
             loss_rows = lib.empty(x, (n_rows,), acc_name)
         loss_v = lib.kview(loss_rows, acc_dt)
         # unused array arguments get stand-ins of the right type that the kernel never touches
+        key = dt  # kernel variant: the logits' dtype (and the soft targets' if it differs)
         if req.soft:
-            q_v = self._converted(req.target, dt, -1, stream)
+            if _dtype_name(req.target) != dt and dt in cuda_registry.HALF_SOFT:
+                key = (dt, "float32")  # probabilities used as given, not rounded to halves
+            q_v = self._converted(req.target, key[1] if key != dt else dt, -1, stream)
             t_v = _stand_in(lib, x, "int64")
         else:
             t_v = self._converted(req.target, "int64", None, stream)
@@ -711,7 +714,7 @@ class CudaBackend:
                         st_v, np.int64(n_part))
 
         if n_rows:
-            plan = _Plan("ce", n_rows, n_cls, dt, _device_info(lib.device(x)))
+            plan = _Plan("ce", n_rows, n_cls, dt, _device_info(lib.device(x)), key)
             ints = (np.int64(n_rows), np.int64(n_cls), np.int64(req.ignore_index),
                     np.int64(req.soft), np.int64(weighted), np.int64(req.want_grad),
                     np.int64(go_mode), np.int64(use_st))
@@ -720,12 +723,12 @@ class CudaBackend:
             if plan.part == "split":
                 ws = lib.kview(lib.empty(x, (n_rows * (4 * plan.n_split + 1),), acc_name),
                                acc_dt)
-                _launch("ce_split_partial", dt, plan.grid, plan.block, stream, 0, x_v, q_v, t_v,
-                        w_v, ws, *ints[:5], eps, cap, np.int64(plan.n_split))
-                _launch("ce_split_finish", dt, plan.grid, plan.block, stream, 0, x_v, g_v, q_v,
+                _launch("ce_split_partial", key, plan.grid, plan.block, stream, 0, x_v, q_v,
+                        t_v, w_v, ws, *ints[:5], eps, cap, np.int64(plan.n_split))
+                _launch("ce_split_finish", key, plan.grid, plan.block, stream, 0, x_v, g_v, q_v,
                         t_v, w_v, go_v, loss_v, st_v, ws, *ints, *floats, np.int64(plan.n_split))
             else:
-                _launch(f"ce_{plan.part}", dt, plan.grid, plan.block, stream, plan.shmem, x_v,
+                _launch(f"ce_{plan.part}", key, plan.grid, plan.block, stream, plan.shmem, x_v,
                         g_v, q_v, t_v, w_v, go_v, loss_v, st_v, *ints, *floats, np.int64(0))
         if req.reduction != "none":  # the sum of the row losses, on the device
             n_part = _partials(n_rows)

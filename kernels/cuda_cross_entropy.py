@@ -59,22 +59,24 @@ def warp_capacity(strategy, dt):
     return tpr * vpt
 
 
-def ce_signature(dt, kind):
+def ce_signature(dt, kind, qdt=None):
     T = traits(dt)
     st, acc = array(T.storage), array(T.acc)
+    qt = array(traits(qdt or dt).storage)
     i64, a = types.int64, T.acc
     if kind == "split_partial":
-        return types.void(st, st, array(i64), acc, acc, i64, i64, i64, i64, i64, a, a, i64)
-    head = (st, st, st, array(i64), acc, acc, acc, acc)
+        return types.void(st, qt, array(i64), acc, acc, i64, i64, i64, i64, i64, a, a, i64)
+    head = (st, st, qt, array(i64), acc, acc, acc, acc)
     if kind == "split_finish":
         head = head + (acc,)
     return types.void(*head, *(i64,) * 8, *(a,) * 6, i64)
 
 
 @lru_cache(maxsize=None)
-def ce_kernel(strategy, dt):
-    """The Python function of one strategy's kernel for storage dtype ``dt``."""
-    R = rowmath(dt)
+def ce_kernel(strategy, dt, qdt=None):
+    """The Python function of one strategy's kernel for logits stored as ``dt`` (and soft
+    targets as ``qdt``: float32 probabilities with half logits are used as given)."""
+    R = rowmath(dt, qdt)
     RD = reductions(R.T.acc_np)
     acc = R.T.acc
     NEG_INF, ZERO, ONE = R.NEG_INF, R.ZERO, R.ONE

@@ -72,9 +72,9 @@ def parse_resources(log):
     return res
 
 
-def key_label(key):
+def key_label(key, name=""):
     if key is None:
         return "-"
-    if isinstance(key, tuple):
-        return "->".join(key)
+    if isinstance(key, tuple):  # convert: source->destination; cross entropy: logits,q=dtype
+        return "->".join(key) if name == "convert" else f"{key[0]},q={key[1]}"
     return key

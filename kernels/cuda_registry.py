@@ -1,8 +1,9 @@
 """Every CUDA kernel gpuce launches, with its explicit signature and launch bound.
 
 ``spec(name, key)`` -> (python function, signature, max threads per block), where ``key`` is
-the logits' storage dtype for the main kernels, the accumulator dtype for the helpers, and a
-(source, destination) pair for ``convert``. ``all_specs()`` lists every combination gpuce can
+the logits' storage dtype for the main kernels (for cross entropy also a (logits, soft
+targets) pair: half logits with float32 probabilities), the accumulator dtype for the
+helpers, and a (source, destination) pair for ``convert``. ``all_specs()`` lists every combination gpuce can
 launch, for the PTX compile test and benchmarks/ptx_report.py.
 """
 from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, _INT_TYPES, ce_kernel, ce_signature,
@@ -15,6 +16,7 @@ from .cuda_dtypes import DTYPES
 from .cuda_softmax import softmax_kernel, softmax_signature
 
 STRATEGIES = ("warp", "block_cached", "block", "split")
+HALF_SOFT = ("float16", "bfloat16")  # half logits also run with float32 soft targets
 _PARTS = ("warp", "warp_narrow", "block_cached", "block", "split_partial", "split_finish")
 
 
@@ -32,7 +34,8 @@ def spec(name, key):
         return target_stats_finish_kernel(key), stats_finish_signature(key), MAX_BLOCK
     if name.startswith("ce_"):
         part = name[len("ce_"):]
-        return ce_kernel(part, key), ce_signature(key, part), _bound(part)
+        dt, qdt = key if isinstance(key, tuple) else (key, None)
+        return ce_kernel(part, dt, qdt), ce_signature(dt, part, qdt), _bound(part)
     if name == "rows_sum":
         return rows_sum_kernel(key), rows_sum_signature(key), MAX_BLOCK
     if name == "rows_sum_finish":
@@ -48,6 +51,7 @@ def all_specs(main_only=False):
     """[(name, key)] for every kernel gpuce can launch."""
     out = [(f"{fam}_{part}", dt) for fam in ("softmax", "ce") for part in _PARTS
            for dt in DTYPES]
+    out += [(f"ce_{part}", (dt, "float32")) for part in _PARTS for dt in HALF_SOFT]
     if main_only:
         return out
     out += [(n, acc) for n in ("ce_target_stats", "ce_target_stats_finish", "rows_sum",

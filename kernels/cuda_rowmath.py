@@ -26,8 +26,11 @@ U = types.uint64  # unsigned indices: no negative-index wraparound code
 
 
 @lru_cache(maxsize=None)
-def rowmath(dt):
+def rowmath(dt, qdt=None):
+    """Device functions for logits stored as ``dt`` and soft targets stored as ``qdt``
+    (default: the same dtype)."""
     T = traits(dt)
+    qload = traits(qdt or dt).load
     A = T.acc_np
     acc = T.acc
     load = T.load
@@ -71,7 +74,7 @@ def rowmath(dt):
     def class_weight(q, w, off, c, soft, weighted, keep, smooth):
         """wq_c = w_c ((1-e) q_c + e/C) (q_c = 0 for hard targets)."""
         wc = w[U(c)] if weighted else ONE
-        qc = load(q[U(off + c)]) if soft else ZERO
+        qc = qload(q[U(off + c)]) if soft else ZERO
         return wc * (keep * qc + smooth)
 
     @device

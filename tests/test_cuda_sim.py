@@ -389,8 +389,8 @@ def test_strided_and_batched_inputs():
 
 
 def test_converted_argument_dtypes():
-    """int32 / uint8 targets, float16 weights, float64 grad_output, float32 soft targets for
-    bfloat16 logits: converted on the device, with the CPU backend's semantics."""
+    """int32 / uint8 targets, float16 weights, float64 grad_output and soft targets of another
+    float dtype than the logits: converted on the device, or read as they are."""
     rng = np.random.default_rng(23)
     x = make_logits(rng, (4, 77), "float32")
     w = rng.uniform(0.5, 2, 77).astype(np.float16)
@@ -401,12 +401,17 @@ def test_converted_argument_dtypes():
                                                weight=w, grad_output=go)
         check_loss(loss, ref_loss, "float32", "loss")
         check_array(grad, ref_grad, "float32", "grad")
-    xb = rounded(x, "bfloat16")
-    q = soft_targets(rng, x.shape, "float32")
-    loss, grad = run_ce(xb, q, "warp", reduction="sum")
-    cpu_loss, cpu_grad = gpuce.cross_entropy_with_grad(xb, q, reduction="sum")
-    check_loss(loss, cpu_loss, "float32", "soft loss (CPU)")
-    check_array(grad, cpu_grad.astype(np.float64), "bfloat16", "soft grad (CPU)")
+    # soft targets in another float dtype: used as given (half logits read float32 q)
+    for ldt, qdt, case in (("bfloat16", "float32", "warp"), ("float16", "float64", "split"),
+                           ("bfloat16", "float16", "block"), ("float32", "float16", "warp"),
+                           ("float64", "float32", "block_cached")):
+        strategy, n_cls = STRATEGY_CASES[case]
+        xq = make_logits(rng, (3, n_cls), ldt)
+        q = soft_targets(rng, xq.shape, qdt)
+        loss, grad = run_ce(xq, q, strategy, reduction="sum", label_smoothing=0.1)
+        ref_loss, ref_grad = ref_cross_entropy(xq, q, reduction="sum", label_smoothing=0.1)
+        check_loss(loss, ref_loss, ldt, f"soft {qdt} loss, {ldt} logits")
+        check_array(grad, ref_grad, ldt, f"soft {qdt} grad, {ldt} logits")
 
 
 def test_empty_batch():

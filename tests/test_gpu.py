@@ -21,6 +21,7 @@ if HAVE_GPU:
     import gpuce
     from gpuce import _cuda
     from numba import cuda
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
     KINDS = {k.name: k for k in gpu_kinds()}
 else:
@@ -179,7 +180,7 @@ def test_cuda_array_interface_object():
     x = np.random.default_rng(5).standard_normal((50, 100)).astype(np.float32)
     xd = kind.to(x)
     res = gpuce.softmax(Wrapped(xd))
-    assert isinstance(res, cuda.devicearray.DeviceNDArray)
+    assert isinstance(res, DeviceNDArray)
     check_array(res.copy_to_host(), ref_softmax(x), "float32", "softmax")
 
 
@@ -189,7 +190,7 @@ def test_numba_arrays_needing_a_layout_change():
     x = np.random.default_rng(6).standard_normal((30, 200)).astype(np.float32)
     xd = cuda.to_device(np.ascontiguousarray(x.T)).T  # a transposed view
     res = gpuce.logsumexp(xd, axis=1)
-    assert isinstance(res, cuda.devicearray.DeviceNDArray)
+    assert isinstance(res, DeviceNDArray)
     check_loss(res.copy_to_host(), ref_logsumexp(x, axis=1), "float32", "logsumexp")
 
 

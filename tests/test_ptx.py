@@ -45,7 +45,11 @@ def resources():
     return dict(zip(SPECS, results))
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s[0]}[{cuda_ptx.key_label(s[1])}]")
+def _label(spec):
+    return f"{spec[0]}[{cuda_ptx.key_label(spec[1], spec[0])}]"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_label)
 def test_compiles_without_spills(resources, spec):
     res = resources[spec]
     assert not isinstance(res, str), res
@@ -67,6 +71,7 @@ def test_every_kernel_is_listed():
             assert f"{fam}_{part}" in names
     for dt in ("float16", "bfloat16", "float32", "float64"):
         assert ("ce_warp", dt) in SPECS and ("softmax_split_finish", dt) in SPECS
+    assert ("ce_split_partial", ("bfloat16", "float32")) in SPECS
 
 
 def test_resource_log_parsing():
