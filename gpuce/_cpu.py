@@ -6,6 +6,7 @@ import numba
 import numpy as np
 
 from . import _dispatch
+from ._checks import dtype_name
 
 _ACC = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
 _RAW = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
@@ -79,9 +80,9 @@ def _writable_rows(dest, axis):
     return None
 
 
-def _kernels(dt, softcap):
+def _kernels(dt, softcap, target_dt=None):
     from .kernels import cpu
-    return cpu.make_kernels(dt, softcap is not None)
+    return cpu.make_kernels(dt, softcap is not None, None if target_dt == dt else target_dt)
 
 
 class CpuBackend:
@@ -151,10 +152,10 @@ class CpuBackend:
                   else np.ascontiguousarray(_float_numpy(req.weight), dtype=acc))
         eps, zl = acc(req.label_smoothing), acc(req.z_loss)
 
-        if req.soft:
-            q = to_numpy(req.target)
-            q_rows = _rows(raw(q, dt) if _same_dtype(req.target, dt) else
-                           raw(np.asarray(_float_numpy(req.target), dtype=_numpy_dtype(dt)), dt), -1)
+        if req.soft:  # probabilities are read in their own dtype, never rounded
+            q_dt = dtype_name(req.target)
+            q_rows = _rows(raw(to_numpy(req.target), q_dt), -1)
+            k = _kernels(dt, req.softcap, q_dt)
             den_ce = den_z = float(n_rows)
         else:
             tgt = np.ascontiguousarray(to_numpy(req.target), dtype=np.int64).reshape(-1)
@@ -267,10 +268,6 @@ def _launch_shape(rows):
 
 def _shares(rows, base):
     return rows.size > 0 and np.shares_memory(rows, base)
-
-
-def _same_dtype(a, dt):
-    return str(a.dtype).replace("torch.", "") == dt
 
 
 def _float_numpy(a):

@@ -44,9 +44,14 @@ def launch_shape(n_rows, n_cls, n_threads):
 
 
 @lru_cache(maxsize=None)
-def make_kernels(dtype_name, softcapped):
-    """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in."""
+def make_kernels(dtype_name, softcapped, target_dtype_name=None):
+    """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
+
+    ``target_dtype_name`` is the storage dtype of soft targets (default: the logits'); they
+    are read as given, never rounded to the logits' dtype.
+    """
     load, store, exp, tanh, key, unkey, acc = _TRAITS[dtype_name]
+    load_q = _TRAITS[target_dtype_name or dtype_name][0]
     fm = cm.FASTMATH
     inner = njit(inline="always", fastmath=fm)
     outer = njit(parallel=True, fastmath=fm)
@@ -301,7 +306,7 @@ def make_kernels(dtype_name, softcapped):
         big_q = ZERO
         qz = ZERO
         for c in range(n_cls):
-            wq = w[c] * (keep * load(q[c]) + smooth)
+            wq = w[c] * (keep * load_q(q[c]) + smooth)
             big_q += wq
             qz += ZERO if wq == ZERO else wq * logit(x[c], cap)  # 0 * -inf counts as 0
         if s == ZERO:
@@ -312,7 +317,7 @@ def make_kernels(dtype_name, softcapped):
         if write_grad:
             k_p = (a * big_q + a * acc(2.0) * zl * lse) / s
             for c in range(n_cls):
-                wq = w[c] * (keep * load(q[c]) + smooth)
+                wq = w[c] * (keep * load_q(q[c]) + smooth)
                 g[c] = store((k_p * e[c] - a * wq) * grad_factor(logit(x[c], cap), cap))
         return big_q * lse - qz, lse
 
