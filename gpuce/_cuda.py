@@ -398,12 +398,24 @@ _CONFIGS = {}
 
 
 def _kernel(name, key):
-    """The compiled kernel (explicit signature: compiled once, then reused)."""
+    """The compiled kernel (explicit signature: compiled once, then reused). Compiled code
+    is also cached on disk by numba (keyed by the kernel's source and its dtype constants),
+    so later processes skip the seconds a CUDA kernel takes to compile; GPUCE_CUDA_CACHE=0
+    turns that off."""
     k = _KERNELS.get((name, key))
     if k is None:
         fn, sig, bound = cuda_registry.spec(name, key)
-        opts = {} if SIMULATOR else {"launch_bounds": bound}
-        k = _KERNELS[(name, key)] = cuda.jit(sig, **opts)(fn)
+        if SIMULATOR:
+            k = cuda.jit(sig)(fn)
+        else:
+            cache = os.environ.get("GPUCE_CUDA_CACHE", "1") != "0"
+            try:
+                k = cuda.jit(sig, launch_bounds=bound, cache=cache)(fn)
+            except Exception:
+                if not cache:
+                    raise
+                k = cuda.jit(sig, launch_bounds=bound)(fn)  # an unusable cache: compile only
+        _KERNELS[(name, key)] = k
     return k
 
 

@@ -14,7 +14,7 @@ Strategies, by row length:
   block         a block owns a row of any length: an online (max, sum) sweep, then a
                 gradient sweep (the row is read twice).
   split         ``n_split`` blocks share a row: ``ce_split_partial`` writes one (m, s, Q, qz)
-                per chunk, ``ce_split_finish`` merges them in a fixed order (deterministic)
+                per chunk (qz relative to the chunk's max), ``ce_split_finish`` merges them in a fixed order (deterministic)
                 and writes the chunk's gradient.
 
 Kernel arguments (the same order everywhere; unused arrays get a harmless stand-in):
@@ -131,8 +131,7 @@ def ce_kernel(strategy, dt, qdt=None):
                     if dist and live and c < n_cls:
                         wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
                         big_q += wq
-                        if wq != ZERO:
-                            qz += wq * z
+                        qz += R.dist_term(wq, z, m)
                     vals[j] = e
                 s = RD.warp_sum(s, TPR)
                 if dist:
@@ -206,20 +205,20 @@ def ce_kernel(strategy, dt, qdt=None):
                         if dist:
                             wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
                             big_q += wq
-                            if wq != ZERO:
-                                qz += wq * z
+                            qz += R.dist_term(wq, z, m)
                     s = RD.block_sum(s, buf_s)
                 else:
                     for c in range(tid, n_cls, bd):
                         z = R.logit(x[U(off + c)], cap)
-                        m, s = R.online(m, s, z)
+                        m_new, s = R.online(m, s, z)
                         if dist:
                             wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
+                            qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
                             big_q += wq
-                            if wq != ZERO:
-                                qz += wq * z
-                    m, s = RD.block_merge(m, s, buf_m, buf_s)
-                    m = R.finite_max(m)
+                        m = m_new
+                    m_blk, s = RD.block_merge(m, s, buf_m, buf_s)
+                    qz = R.rebase(qz, big_q, m, m_blk)  # every thread's qz relative to one max
+                    m = R.finite_max(m_blk)
                 if dist:
                     big_q = RD.block_sum(big_q, buf_m)
                     qz = RD.block_sum(qz, buf_s)
@@ -275,13 +274,15 @@ def ce_kernel(strategy, dt, qdt=None):
                 qz = ZERO
                 for c in range(lo + tid, hi, bd):
                     z = R.logit(x[U(off + c)], cap)
-                    m, s = R.online(m, s, z)
+                    m_new, s = R.online(m, s, z)
                     if dist:
                         wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
+                        qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
                         big_q += wq
-                        if wq != ZERO:
-                            qz += wq * z
-                m, s = RD.block_merge(m, s, buf_m, buf_s)
+                    m = m_new
+                m_blk, s = RD.block_merge(m, s, buf_m, buf_s)
+                qz = R.rebase(qz, big_q, m, m_blk)
+                m = m_blk
                 if dist:
                     big_q = RD.block_sum(big_q, buf_m)
                     qz = RD.block_sum(qz, buf_s)
@@ -320,9 +321,13 @@ def ce_kernel(strategy, dt, qdt=None):
                 qz = ZERO
                 base = row * n_split * 4
                 for k in range(n_split):  # a fixed order: every block gets the same bits
-                    m, s = RD.merge(m, s, ws[U(base + 4 * k)], ws[U(base + 4 * k + 1)])
-                    big_q += ws[U(base + 4 * k + 2)]
-                    qz += ws[U(base + 4 * k + 3)]
+                    m_k = ws[U(base + 4 * k)]
+                    q_k = ws[U(base + 4 * k + 2)]
+                    m_new, s = RD.merge(m, s, m_k, ws[U(base + 4 * k + 1)])
+                    qz = (R.rebase(qz, big_q, m, m_new)
+                          + R.rebase(ws[U(base + 4 * k + 3)], q_k, m_k, m_new))
+                    big_q += q_k
+                    m = m_new
                 m = R.finite_max(m)
                 off = row * n_cls
                 if soft:

@@ -3,8 +3,9 @@
 Row loss (hard target y, smoothing e, weights w, kept row), with lse = log sum exp z:
     (1-e) w_y (lse - z_y) + sum_c w_c (e/C) (lse - z_c)            [+ zl lse^2]
 Soft targets q replace the second term's (e/C) by (1-e) q_c + e/C and drop the first.
-Both are ``t_y (lse - z_y) + Q lse - qz`` with Q = sum_c wq_c, qz = sum_c wq_c z_c and
-wq_c = w_c ((1-e) q_c + e/C); t_y = (1-e) w_y for a hard target, 0 for soft targets.
+Both are ``t_y (lse - z_y) + Q (lse - m) - qz`` with Q = sum_c wq_c, qz = sum_c wq_c (z_c - m)
+(m the row max: large logits cancel exactly) and wq_c = w_c ((1-e) q_c + e/C); t_y =
+(1-e) w_y for a hard target, 0 for soft targets.
 Gradient wrt z: a_ce (K p_c - wq_c - t_y [c == y]) + a_z 2 zl lse p_c with K = t_y + Q,
 chained through softcap by (1 - (z/cap)^2). ``finish`` turns the row's (max, sum, Q, qz,
 z_y) into the loss and the coefficients of ``grad`` = (k_p e_c - coef_c) gf_c, where
@@ -66,6 +67,23 @@ def rowmath(dt, qdt=None):
         return m, s
 
     @device
+    def dist_term(wq, z, m):
+        """wq (z - m): one class's share of qz, kept relative to the row max so that large
+        logits (1e4) cancel exactly; a weighted -inf logit makes it -inf (+inf loss)."""
+        if wq == ZERO:
+            return ZERO
+        if z == NEG_INF:
+            return NEG_INF
+        return wq * (z - m)
+
+    @device
+    def rebase(qz, big_q, m_old, m_new):
+        """qz = sum wq (z - m_old) re-expressed relative to m_new >= m_old."""
+        if big_q == ZERO or m_new == m_old:
+            return qz
+        return qz - big_q * (m_new - m_old)
+
+    @device
     def finite_max(m):
         """The shift used in exp(z - m): 0 for an all -inf row, so no -inf - -inf."""
         return ZERO if m == NEG_INF else m
@@ -107,15 +125,17 @@ def rowmath(dt, qdt=None):
 
     @device
     def finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce, inv_z, go):
-        """(loss, k_p, k_q, k_y) of one row; m must be finite_max'd, s = sum exp(z - m)."""
+        """(loss, k_p, k_q, k_y) of one row; m must be finite_max'd, s = sum exp(z - m), qz
+        relative to m. lse - z is formed as (m - z) + log s: exact for large logits."""
         if state != ACTIVE:
             return (NAN if state == BAD else ZERO), ZERO, ZERO, ZERO
         if s == ZERO:  # every logit is -inf: nothing can lower the loss
             return INF * inv_ce, ZERO, ZERO, ZERO
-        lse = m + math.log(s)
-        ce = big_q * lse - qz
+        log_s = math.log(s)
+        lse = m + log_s
+        ce = big_q * log_s - qz
         if t_y != ZERO:
-            ce += t_y * (lse - z_y)
+            ce += t_y * ((m - z_y) + log_s)
         loss = ce * inv_ce
         if zl > ZERO:
             loss += zl * lse * lse * inv_z
@@ -139,7 +159,7 @@ def rowmath(dt, qdt=None):
         return r
 
     return namespace(T=T, logit=logit, grad_factor=grad_factor, online=online,
-                           finite_max=finite_max, class_weight=class_weight,
+                           dist_term=dist_term, rebase=rebase, finite_max=finite_max, class_weight=class_weight,
                            hard_target=hard_target, grad_scale=grad_scale, divisors=divisors,
                            finish=finish, grad=grad, coef=coef, store=store, load=load,
                            NEG_INF=NEG_INF, ZERO=ZERO, ONE=ONE, NAN=NAN)

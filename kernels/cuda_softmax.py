@@ -3,7 +3,8 @@ cross-entropy kernels (see cuda_cross_entropy). ``mode``: 0 softmax, 1 log_softm
 write ``out`` in the storage dtype), 2 logsumexp (writes ``lse`` in the accumulator dtype).
 
 An all -inf row has softmax 0 and logsumexp -inf (log_softmax is then -inf - -inf = NaN,
-as in the CPU kernels and the reference).
+as in the CPU kernels and the reference). log_softmax is (z - max) - log s, exact for large
+logits.
 """
 import math
 from functools import lru_cache
@@ -40,9 +41,9 @@ def softmax_kernel(strategy, dt):
 
     @cuda.jit(device=True, inline="always")
     def row_end(s, m):
-        """(1/s or 0, lse) from a finite_max'd m and s = sum exp(x - m)."""
+        """(1/s or 0, log s) from a finite_max'd m and s = sum exp(x - m)."""
         if s > ZERO:
-            return ONE / s, m + math.log(s)
+            return ONE / s, math.log(s)
         return ZERO, NEG_INF
 
     if strategy in WARP_SHAPES:
@@ -76,18 +77,18 @@ def softmax_kernel(strategy, dt):
                     if mode == SOFTMAX:
                         vals[j] = e
                 s = RD.warp_sum(s, TPR)
-                inv, lse_v = row_end(s, m)
+                inv, log_s = row_end(s, m)
                 if not live:
                     continue
                 if mode == LOGSUMEXP:
                     if lane == 0:
-                        lse[U(row)] = lse_v
+                        lse[U(row)] = m + log_s
                     continue
                 for j in range(VPT):
                     c = j * TPR + lane
                     if c < n_cls:
                         out[U(off + c)] = store(vals[j] * inv if mode == SOFTMAX
-                                             else vals[j] - lse_v)
+                                                else (vals[j] - m) - log_s)
         return softmax_warp
 
     if strategy in ("block_cached", "block"):
@@ -121,17 +122,17 @@ def softmax_kernel(strategy, dt):
                         m, s = R.online(m, s, load(x[U(off + c)]))
                     m, s = RD.block_merge(m, s, buf_m, buf_s)
                     m = R.finite_max(m)
-                inv, lse_v = row_end(s, m)
+                inv, log_s = row_end(s, m)
                 if mode == LOGSUMEXP:
                     if tid == 0:
-                        lse[U(row)] = lse_v
+                        lse[U(row)] = m + log_s
                     continue
                 for c in range(tid, n_cls, bd):
                     if cached:
-                        v = cache[U(c)] * inv if mode == SOFTMAX else cache[U(c)] - lse_v
+                        v = cache[U(c)] * inv if mode == SOFTMAX else (cache[U(c)] - m) - log_s
                     else:
                         z = load(x[U(off + c)])
-                        v = math.exp(z - m) * inv if mode == SOFTMAX else z - lse_v
+                        v = math.exp(z - m) * inv if mode == SOFTMAX else (z - m) - log_s
                     out[U(off + c)] = store(v)
         return softmax_block
 
@@ -172,17 +173,17 @@ def softmax_kernel(strategy, dt):
                     m, s = RD.merge(m, s, ws[U(2 * (row * n_split + k))],
                                     ws[U(2 * (row * n_split + k) + 1)])
                 m = R.finite_max(m)
-                inv, lse_v = row_end(s, m)
+                inv, log_s = row_end(s, m)
                 if mode == LOGSUMEXP:
                     if tid == 0:
-                        lse[U(row)] = lse_v
+                        lse[U(row)] = m + log_s
                     continue
                 off = row * n_cls
                 lo = chunk * length
                 for c in range(lo + tid, min(n_cls, lo + length), bd):
                     z = load(x[U(off + c)])
                     out[U(off + c)] = store(math.exp(z - m) * inv if mode == SOFTMAX
-                                         else z - lse_v)
+                                            else (z - m) - log_s)
         return softmax_split_finish
 
     raise KeyError(strategy)

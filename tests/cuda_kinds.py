@@ -25,7 +25,7 @@ def _numba_back(r):
 
 def simulator_kinds():
     """Numba simulator device arrays (NUMBA_ENABLE_CUDASIM=1)."""
-    return [Kind("numba-sim", _numba_to, _numba_back, device=True)]
+    return [Kind("simulator", _numba_to, _numba_back, device=True)]
 
 
 def gpu_available():

@@ -299,6 +299,31 @@ def test_masked_rows(case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_large_offsets(case):
+    """Logits near +-1e4: lse - z is formed as (max - z) + log s and the smoothing / soft
+    terms relative to the max, so the loss keeps fp32's 1e-5 (lse first would lose ~5e-4
+    nats to the rounding of max + log s)."""
+    strategy, n_cls = STRATEGY_CASES[case]
+    rng = np.random.default_rng(31)
+    for offset in (1e4, -1e4):
+        x = rounded(offset + rng.standard_normal((3, n_cls)), "float32")
+        t = rng.integers(0, n_cls, 3)
+        kw = dict(reduction="none", label_smoothing=0.1,
+                  weight=rng.uniform(0.5, 2, n_cls).astype(np.float32))
+        loss, grad = run_ce(x, t, strategy, **kw)
+        ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
+        check_loss(loss, ref_loss, "float32", f"loss at {offset}")
+        check_array(grad, ref_grad, "float32", f"grad at {offset}")
+        q = soft_targets(rng, x.shape, "float32")
+        loss, _ = run_ce(x, q, strategy, reduction="none")
+        check_loss(loss, ref_cross_entropy(x, q, reduction="none")[0], "float32",
+                   f"soft loss at {offset}")
+        with _cuda.force_strategy(strategy):
+            lsm = KIND.back(gpuce.log_softmax(KIND.to(x)))
+        np.testing.assert_allclose(lsm, ref_log_softmax(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_bad_targets_give_nan_rows(case):
     strategy, n_cls = STRATEGY_CASES[case]
     rng = np.random.default_rng(13)
