@@ -148,6 +148,21 @@ def test_out_with_inplace(kind, data):
                   inplace=True)
 
 
+def test_read_only_destinations():
+    """numpy: inplace=True on read-only logits, or a read-only out=, is a ValueError naming
+    the argument (nothing can be written there)."""
+    rng = np.random.default_rng(5)
+    x = make_logits(rng, (N, C), "float32")
+    t = make_hard_target(rng, (N,), C)
+    x.flags.writeable = False
+    assert_raises(ValueError, "logits", gpuce.cross_entropy_with_grad, x, t, inplace=True)
+    out = np.zeros((N, C), np.float32)
+    out.flags.writeable = False
+    assert_raises(ValueError, "out", gpuce.cross_entropy_with_grad, x, t, out=out)
+    assert_raises(ValueError, "out", gpuce.softmax, x, out=out)
+    assert_raises(ValueError, "out", gpuce.log_softmax, x, out=out)
+
+
 @pytest.mark.parametrize("z", [-0.1, float("nan"), float("inf")])
 def test_z_loss_invalid(kind, data, ce, z):
     _, _, xk, tk = data
