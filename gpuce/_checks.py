@@ -67,11 +67,11 @@ class CERequest:
 
     @property
     def n_classes(self):
-        return int(self.logits.shape[-1])
+        return int(tuple(self.logits.shape)[-1])
 
     @property
     def row_shape(self):
-        return tuple(self.logits.shape[:-1])
+        return tuple(self.logits.shape)[:-1]
 
 
 def check_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,

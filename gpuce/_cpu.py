@@ -68,8 +68,8 @@ def wrap_loss(like, value):
 def _rows(a, axis):
     """(N, C) C-contiguous view of ``a`` with ``axis`` last, copying only when strides demand."""
     moved = np.moveaxis(a, axis, -1)
-    n_cls = moved.shape[-1] if moved.ndim else 1
-    return np.ascontiguousarray(moved).reshape(-1, n_cls) if moved.size else moved.reshape(-1, n_cls)
+    n_rows = int(np.prod(moved.shape[:-1], dtype=np.int64))
+    return np.ascontiguousarray(moved).reshape(n_rows, moved.shape[-1])
 
 
 def _writable_rows(dest, axis):
@@ -175,7 +175,7 @@ class CpuBackend:
         if n_rows:
             with _threads_for(rows):
                 pb, tasks = _launch_shape(rows)
-                inplace = grad_rows is rows and req.want_grad and _shares(rows, logits_np)
+                inplace = req.want_grad and grad_rows is rows  # a copy of strided logits too
                 if req.soft:
                     if inplace:
                         k["ce_soft_inplace"](rows, q_rows, weight, go, go_step, inv_ce, eps, zl, cap,

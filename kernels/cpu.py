@@ -207,6 +207,11 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None):
     #   K = (1-eps) w_y + (eps/C) W; chained through softcap by (1 - (z/cap)^2).
 
     @inner
+    def z_part(zl, lse):
+        """zl * lse^2, and 0 when z-loss is off (an all -inf row has lse = -inf)."""
+        return zl * lse * lse if zl > ZERO else ZERO
+
+    @inner
     def zero_row(g):
         for c in range(g.shape[0]):
             g[c] = store(ZERO)
@@ -219,16 +224,19 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None):
             if write_grad:
                 zero_row(g)
             return acc(np.inf), NEG_INF
-        lse = m + acc(math.log(s))
+        log_s = acc(math.log(s))
+        lse = m + log_s
         w_y = w[y]
         z_y = logit(x[y], cap)
-        loss = (ONE - eps) * w_y * (lse - z_y)
+        # (m - z) + log s, not lse - z: exact for large logits, and a sum of terms >= 0
+        loss = (ONE - eps) * w_y * ((m - z_y) + log_s)
         smooth = eps / acc(n_cls)
         if eps > ZERO:
-            wz = ZERO
+            gap = ZERO
             for c in range(n_cls):
-                wz += w[c] * logit(x[c], cap)
-            loss += smooth * (w_sum * lse - wz)
+                wc = w[c]
+                gap += ZERO if wc == ZERO else wc * (m - logit(x[c], cap))  # 0 * inf is 0
+            loss += smooth * (gap + w_sum * log_s)
         if write_grad:
             k_p = (a_ce * ((ONE - eps) * w_y + smooth * w_sum) + a_z * acc(2.0) * zl * lse) / s
             k_w = a_ce * smooth
@@ -263,7 +271,7 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None):
                 scale = go[r * go_step]
                 ce, lse = ce_hard_row(x[r], e[r - r0], gr, m[r - r0], s[r - r0], y, w, w_sum,
                                       scale * inv_ce, scale * inv_z, eps, zl, cap, write_grad)
-                loss_out[r] = ce * inv_ce + zl * lse * lse * inv_z
+                loss_out[r] = ce * inv_ce + z_part(zl, lse) * inv_z
         return ce_hard_block
 
     ce_hard_block = make_ce_hard_block(e_in_out)
@@ -295,8 +303,8 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None):
                 ce_hard_block_inplace(x, x, e, m, s, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
                               cap, ignore_index, loss_out, True)
 
-    # Soft targets q (already in the logits' storage dtype), q' = (1-eps) q + eps/C:
-    #   loss = Q lse - sum_c w_c q'_c z_c with Q = sum_c w_c q'_c;  grad = Q p_c - w_c q'_c.
+    # Soft targets q (read in their own dtype), q' = (1-eps) q + eps/C:
+    #   loss = sum_c w_c q'_c (lse - z_c), Q = sum_c w_c q'_c;  grad = Q p_c - w_c q'_c.
 
     @inner
     def ce_soft_row(x, e, q, g, m, s, w, a, eps, zl, cap, write_grad):
@@ -304,11 +312,11 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None):
         smooth = eps / acc(n_cls)
         keep = ONE - eps
         big_q = ZERO
-        qz = ZERO
+        gap = ZERO  # sum_c w_c q'_c (m - z_c): terms >= 0, so the loss never goes below 0
         for c in range(n_cls):
             wq = w[c] * (keep * load_q(q[c]) + smooth)
             big_q += wq
-            qz += ZERO if wq == ZERO else wq * logit(x[c], cap)  # 0 * -inf counts as 0
+            gap += ZERO if wq == ZERO else wq * (m - logit(x[c], cap))  # 0 * inf counts as 0
         if s == ZERO:
             if write_grad:
                 zero_row(g)
@@ -319,7 +327,7 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None):
             for c in range(n_cls):
                 wq = w[c] * (keep * load_q(q[c]) + smooth)
                 g[c] = store((k_p * e[c] - a * wq) * grad_factor(logit(x[c], cap), cap))
-        return big_q * lse - qz, lse
+        return gap + big_q * acc(math.log(s)), lse
 
     def make_ce_soft_block(grad_in_e):
         @inner
@@ -331,7 +339,7 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None):
                 a = go[r * go_step] * inv_den
                 ce, lse = ce_soft_row(x[r], e[r - r0], q[r], gr, m[r - r0], s[r - r0], w, a,
                                       eps, zl, cap, write_grad)
-                loss_out[r] = (ce + zl * lse * lse) * inv_den
+                loss_out[r] = (ce + z_part(zl, lse)) * inv_den
         return ce_soft_block
 
     ce_soft_block = make_ce_soft_block(e_in_out)

@@ -83,7 +83,7 @@ def ref_cross_entropy(logits, target, weight=None, ignore_index=-100, reduction=
     with np.errstate(invalid="ignore"):
         ce = -np.sum(np.where(q == 0, 0.0, q * logp), axis=1)
     ce = np.where(kept & masked_row, np.inf, ce)
-    zpart = np.where(kept, z_loss * lse ** 2, 0.0)
+    zpart = np.where(kept, z_loss * lse ** 2, 0.0) if z_loss else np.zeros(n)
     # d ce / dz = p * sum(q) - q ;  d zpart / dz = 2 z lse p
     gz_ce = p * q.sum(axis=1, keepdims=True) - q
     gz_z = (2 * z_loss * np.where(masked_row, 0.0, lse))[:, None] * p * kept[:, None]

@@ -169,12 +169,7 @@ def test_deviation_all_ignored_mean_is_zero(weighted, rng):
     assert np.isnan(torch_loss)
 
 
-_REF_MASKED_ROW_NAN = pytest.mark.xfail(strict=True, reason=(
-    "BUG in tests/reference.py: with z_loss=0 (the default) an all -inf row gets loss NaN, not "
-    "the documented +inf: zpart = z_loss * lse**2 is 0 * inf = NaN"))
-
-
-@pytest.mark.parametrize("z_loss", [pytest.param(0.0, marks=_REF_MASKED_ROW_NAN), 0.1])
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
 def test_deviation_all_masked_row(rng, z_loss):
     """A row of -inf logits: loss +inf, softmax 0 and a zero gradient (PyTorch: NaN)."""
     x = make_logits(rng, (4, 6), "float64")
@@ -194,7 +189,7 @@ def test_deviation_all_masked_row(rng, z_loss):
                         "none", z_loss=z_loss)
 
 
-@pytest.mark.parametrize("z_loss", [pytest.param(0.0, marks=_REF_MASKED_ROW_NAN), 0.1])
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
 def test_deviation_all_masked_row_soft_target(rng, z_loss):
     x = make_logits(rng, (3, 5), "float64")
     x[0] = -np.inf
