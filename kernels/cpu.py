@@ -229,7 +229,7 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None):
         w_y = w[y]
         z_y = logit(x[y], cap)
         # (m - z) + log s, not lse - z: exact for large logits, and a sum of terms >= 0
-        loss = (ONE - eps) * w_y * ((m - z_y) + log_s)
+        loss = (ONE - eps) * w_y * cm.gap_plus(m, z_y, log_s)
         smooth = eps / acc(n_cls)
         if eps > ZERO:
             gap = ZERO

@@ -10,6 +10,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: -inf masks are legal
@@ -277,3 +278,22 @@ def tanh_f32(u):
 @jit
 def tanh_f64(u):
     return math.tanh(u)
+
+
+
+@intrinsic
+def fence(typingctx, value):
+    """llvm.arithmetic.fence: fast-math may not reassociate across it."""
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(args[0].type, [args[0].type])
+        name = "llvm.arithmetic.fence." + ("f32" if args[0].type == ir.FloatType() else "f64")
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        return builder.call(fn, [args[0]])
+    return value(value), codegen
+
+
+@jit
+def gap_plus(m, z, log_s):
+    """(m - z) + log s = -log p_z, kept in this order: exact when m and z are large and close
+    (reassociated into (m + log s) - z it would carry the rounding of lse)."""
+    return fence(m - z) + log_s

@@ -73,19 +73,8 @@ def test_large_offset_softmax(kind, dtype, offset, rng):
     check_softmax_family(kind, x, dtype)
 
 
-_SMALL_LOSS_LARGE_LOGITS = pytest.mark.xfail(strict=True, reason=(
-    "BUG: the row loss carries the rounding of lse = max + log s, about ulp(|max|)/2 = 5e-4 "
-    "nats for logits near 1e4 computed in fp32, so losses under ~50 nats miss the 1e-5 "
-    "relative target. kernels/cpu.py now writes (max - z_y) + log s, but fastmath 'reassoc' "
-    "(kernels/cpu_math.py FASTMATH) lets LLVM fold it back into lse - z_y"))
-
-
-_LOW_AND_FP32 = [pytest.param(d, marks=[] if d == "float64" else [_SMALL_LOSS_LARGE_LOGITS])
-                 for d in DTYPES]
-
-
 @pytest.mark.parametrize("offset", [1e4, -1e4])
-@pytest.mark.parametrize("dtype", _LOW_AND_FP32)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_large_offset_loss(kind, dtype, offset, rng):
     """Logits near +-1e4 and a target tied with the row's max: each loss is about log 2 and
     must still be accurate to 1e-5 relative."""
@@ -150,7 +139,7 @@ def test_all_equal_rows(kind, dtype, n_cls, rng):
 
 
 @pytest.mark.parametrize("value", [1e4, -1e4])
-@pytest.mark.parametrize("dtype", _LOW_AND_FP32)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_all_equal_rows_large(kind, dtype, value, rng):
     """All-equal rows at +-1e4: the loss is log C, accurate to 1e-5 relative."""
     x = np.full((3, 7), value, dtype=np_dtype(dtype))
