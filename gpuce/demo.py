@@ -17,7 +17,6 @@ of B images x with labels y:
 nothing else in the network needs the softmax. Run ``gpuce demo --help`` for the options.
 """
 import argparse
-import contextlib
 import sys
 import time
 
@@ -39,26 +38,6 @@ def _xp(device):
                              "or gpuce[cupy12]) and an NVIDIA GPU") from e
         return cupy
     raise ValueError(f"device: {device!r} is not 'cpu' or 'cuda'")
-
-
-@contextlib.contextmanager
-def _one_numba_thread(device):
-    """Run gpuce's CPU kernels on one thread while the demo trains.
-
-    A batch here is 32 x 10 logits: far too small for threads to pay off. Each parallel
-    launch wakes the thread pool, which measured 1-14 ms per call on a busy 2-core machine
-    against 0.1 ms on one thread. (numba's setting is per calling thread; restored after.)
-    """
-    if device != "cpu":
-        yield
-        return
-    import numba
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
 
 
 def load_digits_split(test_fraction=0.25, split_seed=0):
@@ -140,16 +119,15 @@ def train(epochs=20, hidden=128, lr=0.05, batch_size=32, seed=0, device="cpu",
     rng = np.random.default_rng(seed + 1)
     grad_buf = xp.empty((batch_size, N_CLASSES), dtype=xp.float32)  # reused: out=
     hist = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
-    with _one_numba_thread(device):
-        # the first call compiles gpuce's kernel for float32 (numba, on the CPU); time it apart
-        t1 = time.perf_counter()
-        _, z = model.forward(x_tr[:2])
-        gpuce.cross_entropy_with_grad(z, y_tr[:2], out=grad_buf[:2])
-        hist["first_call_seconds"] = time.perf_counter() - t1
-        if not quiet:
-            print(f"first gpuce call (compiles the kernel): {hist['first_call_seconds']:.1f} s")
-        _train_epochs(hist, model, x_tr, y_tr, x_te, y_te, epochs, lr, batch_size, momentum,
-                      weight_decay, rng, grad_buf, quiet, xp)
+    # the first call compiles gpuce's kernel for float32 (numba, on the CPU); time it apart
+    t1 = time.perf_counter()
+    _, z = model.forward(x_tr[:2])
+    gpuce.cross_entropy_with_grad(z, y_tr[:2], out=grad_buf[:2])
+    hist["first_call_seconds"] = time.perf_counter() - t1
+    if not quiet:
+        print(f"first gpuce call (compiles the kernel): {hist['first_call_seconds']:.1f} s")
+    _train_epochs(hist, model, x_tr, y_tr, x_te, y_te, epochs, lr, batch_size, momentum,
+                  weight_decay, rng, grad_buf, quiet, xp)
     hist["n_test"] = int(y_te.shape[0])
     hist["seconds"] = time.perf_counter() - t0
     return hist
