@@ -137,12 +137,8 @@ def ce_kernel(strategy, dt, qdt=None):
                 if dist:
                     big_q = RD.warp_sum(big_q, TPR)
                     qz = RD.warp_sum(qz, TPR)
-                t_y = ZERO
-                go_v = ONE
-                if state == ACTIVE:
-                    go_v = R.grad_scale(go, go_mode, go_scalar, row)
-                    if not soft:
-                        t_y = keep * (w[U(y)] if weighted else ONE)
+                t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
+                                          go_scalar, row)
                 lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if live and lane == 0:
@@ -222,12 +218,8 @@ def ce_kernel(strategy, dt, qdt=None):
                 if dist:
                     big_q = RD.block_sum(big_q, buf_m)
                     qz = RD.block_sum(qz, buf_s)
-                t_y = ZERO
-                go_v = ONE
-                if state == ACTIVE:
-                    go_v = R.grad_scale(go, go_mode, go_scalar, row)
-                    if not soft:
-                        t_y = keep * (w[U(y)] if weighted else ONE)
+                t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
+                                          go_scalar, row)
                 lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if tid == 0:
@@ -335,13 +327,10 @@ def ce_kernel(strategy, dt, qdt=None):
                 else:
                     state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
                 z_y = ZERO
-                t_y = ZERO
-                go_v = ONE
-                if state == ACTIVE:
-                    go_v = R.grad_scale(go, go_mode, go_scalar, row)
-                    if not soft:
-                        z_y = ws[U(zy_base + row)]
-                        t_y = keep * (w[U(y)] if weighted else ONE)
+                if state == ACTIVE and not soft:
+                    z_y = ws[U(zy_base + row)]
+                t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
+                                          go_scalar, row)
                 lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if chunk == 0 and tid == 0:

@@ -117,6 +117,15 @@ def rowmath(dt, qdt=None):
         return go_scalar
 
     @device
+    def row_weights(state, soft, weighted, keep, w, y, go, go_mode, go_scalar, row):
+        """(t_y, grad_output) of a row for ``finish``: the target's weight (1-eps) w[y]
+        (0 for soft targets) and the row's grad_output; neutral unless the row is active."""
+        if state != ACTIVE:
+            return ZERO, ONE
+        t_y = ZERO if soft else keep * (w[U(y)] if weighted else ONE)
+        return t_y, grad_scale(go, go_mode, go_scalar, row)
+
+    @device
     def divisors(st, use_st, inv_ce, inv_z):
         """The mean's 1/divisors: computed on the device (st) or passed by the host."""
         if use_st:
@@ -160,6 +169,7 @@ def rowmath(dt, qdt=None):
 
     return namespace(T=T, logit=logit, grad_factor=grad_factor, online=online,
                            dist_term=dist_term, rebase=rebase, finite_max=finite_max, class_weight=class_weight,
-                           hard_target=hard_target, grad_scale=grad_scale, divisors=divisors,
+                           hard_target=hard_target, grad_scale=grad_scale, row_weights=row_weights,
+                           divisors=divisors,
                            finish=finish, grad=grad, coef=coef, store=store, load=load,
                            NEG_INF=NEG_INF, ZERO=ZERO, ONE=ONE, NAN=NAN)
