@@ -13,3 +13,7 @@ from ._api import cross_entropy, cross_entropy_with_grad, log_softmax, logsumexp
 
 __version__ = "0.1.0"
 __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_with_grad"]
+
+# Chunked linear + cross-entropy (numpy/CuPy): gpuce/linear.py.
+from .linear import linear_cross_entropy, linear_cross_entropy_with_grad  # noqa: E402
+__all__ += ["linear_cross_entropy", "linear_cross_entropy_with_grad"]

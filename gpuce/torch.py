@@ -327,3 +327,6 @@ class CrossEntropyLoss(nn.Module):
         if self.inplace:
             parts.append("inplace=True")
         return ", ".join(parts)
+
+# Scale (chunked linear + CE, vocab-parallel CE): separate modules, exposed here.
+from .torch_linear import linear_cross_entropy  # noqa: E402
