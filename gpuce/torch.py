@@ -330,3 +330,7 @@ class CrossEntropyLoss(nn.Module):
 
 # Scale (chunked linear + CE, vocab-parallel CE): separate modules, exposed here.
 from .torch_linear import linear_cross_entropy  # noqa: E402
+from .torch_vocab_parallel import (  # noqa: E402
+    vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy)
+__all__ += ["linear_cross_entropy", "vocab_parallel_cross_entropy",
+            "vocab_parallel_linear_cross_entropy"]
