@@ -3,8 +3,9 @@
 
 The gloo runs start processes with torch.multiprocessing.spawn (never fork) on 127.0.0.1;
 each process pays torch's import and numba's compile, so all cases of one world size run in
-one spawn. The 4-rank run is marked slow.
+one spawn. The 3- and 4-rank runs are slow: ``GPUCE_SLOW_TESTS=1 pytest tests/test_vocab_parallel.py``.
 """
+import os
 import socket
 
 import numpy as np
@@ -208,11 +209,12 @@ def _run_gloo(world, tmp_path):
                 assert _rel(grad, ref) <= 1e-6, f"case {i} rank {r}: grad of {name}"
 
 
-@pytest.mark.parametrize("world", [2, 3])
+_SLOW = [pytest.mark.slow,
+         pytest.mark.skipif(not os.environ.get("GPUCE_SLOW_TESTS"),
+                            reason="about 45 s: set GPUCE_SLOW_TESTS=1 to run")]
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=_SLOW), pytest.param(4, marks=_SLOW)])
 def test_gloo(world, tmp_path):
+    """About 45 s each on the 2-core machine (most of it import + numba compile per process)."""
     _run_gloo(world, tmp_path)
-
-
-@pytest.mark.slow
-def test_gloo_4_ranks(tmp_path):
-    _run_gloo(4, tmp_path)
