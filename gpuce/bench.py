@@ -185,7 +185,11 @@ def config_from_args(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--op" in argv and "linear_ce" in argv:  # linear + CE: time and memory, gpuce/bench_linear.py
+        from .bench_linear import main as linear_main
+        return linear_main(argv)
+    args = build_parser().parse_args(argv)
     if args.load:
         with open(args.load) as f:
             doc = json.load(f)

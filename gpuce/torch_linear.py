@@ -183,6 +183,8 @@ def _fwd_backward(ctx, grad_loss, *grad_grads):
     if grad_loss is None:
         return (None,) * 11
     gh, gc, gb = ctx.saved_tensors
+    if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:  # loss.backward(): as computed
+        return (gh, gc, None, gb if ctx.has_bias else None) + (None,) * 7
     go = grad_loss.to(acc_dtype(gh))
     gb_out = (gb * go).to(gb.dtype) if ctx.has_bias else None
     return ((gh * go).to(gh.dtype), (gc * go).to(gc.dtype), None, gb_out) + (None,) * 7
