@@ -25,6 +25,7 @@ import gpuce
 
 from ._chunking import check_chunking, mean_plan, rows_per_chunk
 
+_V_BLOCK = 4096  # classes per fp32 copy of a half-precision gradient chunk
 _NO_BIAS = (0,)  # custom ops cannot return None: "no bias" gives an empty grad_bias
 
 
@@ -95,14 +96,17 @@ def chunked_linear_ce(hidden, classifier, target, bias, weight, ignore_index, re
             grad_c.addmm_(g.t(), h_c)
             if grad_b is not None:
                 grad_b += g.sum(0)
-        else:  # half precision: chunk-sized fp32 copies, so the sum over chunks stays fp32
-            g32 = g.to(acc)
-            grad_c.addmm_(g32.t(), h_c.to(acc))
-            if grad_b is not None:
-                grad_b += g32.sum(0)
+        else:  # half precision: fp32 copies of (chunk x V-block), so sums over chunks stay fp32
+            h32 = h_c.to(acc)
+            for v0 in range(0, n_cls, _V_BLOCK):
+                g32 = g[:, v0:v0 + _V_BLOCK].to(acc)
+                grad_c[v0:v0 + _V_BLOCK].addmm_(g32.t(), h32)
+                if grad_b is not None:
+                    grad_b[v0:v0 + _V_BLOCK] += g32.sum(0)
     loss = loss_rows.reshape(hidden.shape[:-1]) if reduction == "none" else loss_sum * factor
     if not want_grad:
         return loss, None, None, None
+    del logits_buf  # freed before the fp32 accumulators are rounded to their dtypes
     return (loss, grad_h.reshape(hidden.shape), grad_c.to(classifier.dtype),
             None if grad_b is None else grad_b.to(bias.dtype))
 
@@ -258,7 +262,7 @@ def linear_cross_entropy(hidden: Tensor, classifier: Tensor, target: Tensor,
     target: class indices of shape hidden.shape[:-1], or probabilities (..., V).
     weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
     gpuce.torch.cross_entropy. chunk_rows: rows per chunk; by default as many as fit
-    ``memory_budget_bytes`` (64 MiB) of chunk logits. The classifier's and bias's gradients
+    ``memory_budget_bytes`` (32 MiB) of chunk logits. The classifier's and bias's gradients
     are accumulated over chunks in fp32 (fp64 for fp64) and rounded once.
     Works under ``torch.compile(fullgraph=True)``.
     """
