@@ -218,3 +218,17 @@ def test_bad_arguments(lib, bad, exc, name, rng):
         else:
             gt.linear_cross_entropy(*(torch.from_numpy(args[k]) for k in
                                       ("hidden", "classifier", "target", "bias")), **extra)
+
+
+def test_bench_linear_child_measures(rng):
+    """`gpuce bench --op linear_ce`'s measuring code, in-process on a tiny shape: gpuce's
+    loss equals the naive path's, and the table shows both with their ratios."""
+    from gpuce import bench_linear
+    rows = [bench_linear.child(impl, "float32", 64, 16, 300, 1, "cpu")
+            for impl in ("naive", "unchunked", "gpuce")]
+    assert abs(rows[2]["loss"] - rows[0]["loss"]) <= 1e-5 * abs(rows[0]["loss"])
+    assert all(r["time_s"] > 0 and isinstance(r["peak_extra_bytes"], int) for r in rows)
+    doc = dict(shape=[64, 16, 300], device="cpu", repeats=1, dtypes=["float32"],
+               results=rows + [dict(impl="liger", dtype="float32", skipped="needs a GPU")])
+    text = bench_linear.format_markdown(doc)
+    assert "| float32 | gpuce |" in text and "needs a GPU" in text and "| 1.00 |" in text
