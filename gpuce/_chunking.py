@@ -4,7 +4,7 @@ Shared by the numpy/CuPy linear CE (``gpuce.linear``) and the torch ops
 (``gpuce.torch_scale``). Only array methods common to numpy, CuPy and torch are used, so
 device arrays stay on the device (no host sync).
 """
-DEFAULT_MEMORY_BUDGET = 32 << 20  # bytes of per-chunk logits and their fp32 copies
+DEFAULT_MEMORY_BUDGET = 24 << 20  # bytes of per-chunk logits and their fp32 copies
 
 
 def check_chunking(chunk_rows, memory_budget_bytes):

@@ -62,7 +62,7 @@ def linear_cross_entropy(hidden, classifier, target, *, bias=None, weight=None, 
     hidden (..., H); classifier (V, H) (``nn.Linear.weight``'s layout); bias (V,) or None;
     target class indices of shape hidden.shape[:-1] or probabilities (..., V). The other
     keywords are gpuce.cross_entropy's. chunk_rows : rows per chunk; by default as many as
-    fit ``memory_budget_bytes`` (32 MiB) of per-chunk logits.
+    fit ``memory_budget_bytes`` (24 MiB) of per-chunk logits.
     """
     return _run(hidden, classifier, target, bias, weight, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, validate, chunk_rows, memory_budget_bytes,

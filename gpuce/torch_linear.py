@@ -25,7 +25,6 @@ import gpuce
 
 from ._chunking import check_chunking, mean_plan, rows_per_chunk
 
-_V_BLOCK = 4096  # classes per fp32 copy of a half-precision gradient chunk
 _NO_BIAS = (0,)  # custom ops cannot return None: "no bias" gives an empty grad_bias
 
 
@@ -70,6 +69,7 @@ def chunked_linear_ce(hidden, classifier, target, bias, weight, ignore_index, re
     kw = dict(weight=w, ignore_index=ignore_index, reduction=chunk_reduction,
               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     cls_t = classifier.t()
+    g32_buf = None
     for start in range(0, n, c):
         stop = min(start + c, n)
         h_c = h2[start:stop]
@@ -96,17 +96,19 @@ def chunked_linear_ce(hidden, classifier, target, bias, weight, ignore_index, re
             grad_c.addmm_(g.t(), h_c)
             if grad_b is not None:
                 grad_b += g.sum(0)
-        else:  # half precision: fp32 copies of (chunk x V-block), so sums over chunks stay fp32
-            h32 = h_c.to(acc)
-            for v0 in range(0, n_cls, _V_BLOCK):
-                g32 = g[:, v0:v0 + _V_BLOCK].to(acc)
-                grad_c[v0:v0 + _V_BLOCK].addmm_(g32.t(), h32)
-                if grad_b is not None:
-                    grad_b[v0:v0 + _V_BLOCK] += g32.sum(0)
+        else:  # half precision: an fp32 copy of the chunk (contiguous: a fast copy), so
+            # the sums over chunks stay fp32 (torch's CPU has no bf16 GEMM with fp32 output)
+            if g32_buf is None:
+                g32_buf = torch.empty((c, n_cls), dtype=acc, device=dev)
+            g32 = g32_buf[:stop - start]
+            g32.copy_(g)
+            grad_c.addmm_(g32.t(), h_c.to(acc))
+            if grad_b is not None:
+                grad_b += g32.sum(0)
     loss = loss_rows.reshape(hidden.shape[:-1]) if reduction == "none" else loss_sum * factor
     if not want_grad:
         return loss, None, None, None
-    del logits_buf  # freed before the fp32 accumulators are rounded to their dtypes
+    del logits_buf, g32_buf  # freed before the fp32 accumulators are rounded to their dtypes
     return (loss, grad_h.reshape(hidden.shape), grad_c.to(classifier.dtype),
             None if grad_b is None else grad_b.to(bias.dtype))
 
@@ -262,7 +264,7 @@ def linear_cross_entropy(hidden: Tensor, classifier: Tensor, target: Tensor,
     target: class indices of shape hidden.shape[:-1], or probabilities (..., V).
     weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
     gpuce.torch.cross_entropy. chunk_rows: rows per chunk; by default as many as fit
-    ``memory_budget_bytes`` (32 MiB) of chunk logits. The classifier's and bias's gradients
+    ``memory_budget_bytes`` (24 MiB) of chunk logits. The classifier's and bias's gradients
     are accumulated over chunks in fp32 (fp64 for fp64) and rounded once.
     Works under ``torch.compile(fullgraph=True)``.
     """
