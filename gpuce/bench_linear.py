@@ -156,7 +156,10 @@ def _available(impl, device):
 def run_case(impl, dtype, shape, repeats, device, timeout=1800):
     cmd = [sys.executable, "-m", "gpuce.bench_linear", "--child", impl, dtype,
            ",".join(map(str, shape)), str(repeats), device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this gpuce, wherever cwd is
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
