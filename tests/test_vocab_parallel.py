@@ -211,10 +211,10 @@ def _run_gloo(world, tmp_path):
 
 _SLOW = [pytest.mark.slow,
          pytest.mark.skipif(not os.environ.get("GPUCE_SLOW_TESTS"),
-                            reason="about 45 s: set GPUCE_SLOW_TESTS=1 to run")]
+                            reason="45-75 s on 2 shared cores: set GPUCE_SLOW_TESTS=1 to run")]
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=_SLOW), pytest.param(4, marks=_SLOW)])
 def test_gloo(world, tmp_path):
-    """About 45 s each on the 2-core machine (most of it import + numba compile per process)."""
+    """45-75 s each on the 2 shared cores (mostly import + numba compile in every process)."""
     _run_gloo(world, tmp_path)
