@@ -31,7 +31,7 @@ from numba import cuda
 
 from . import _dispatch
 from .kernels import cuda_registry
-from .kernels.cuda_cross_entropy import MAX_BLOCK, WARP_BLOCK, warp_capacity, warp_shape
+from ._cuda_plan import MAX_BLOCK, SMEM_BUFFERS, STATIC_SMEM, DeviceLimits, plan_for
 from .kernels.cuda_dtypes import SIMULATOR, traits
 from .kernels.cuda_softmax import LOG_SOFTMAX, LOGSUMEXP, SOFTMAX
 
@@ -41,9 +41,6 @@ if SIMULATOR:
 
 STRATEGY_ENV = "GPUCE_CUDA_STRATEGY"
 STRATEGIES = cuda_registry.STRATEGIES
-SPLIT_MIN_C = 16384          # auto split: only rows this long ...
-STATIC_SMEM = 48 * 1024      # shared memory a block gets without opting in
-SMEM_BUFFERS = 512           # the reductions' own shared arrays (2 x 32 float64)
 _state = threading.local()
 
 
@@ -430,32 +427,31 @@ def _launch(name, key, grid, block, stream, shmem, *args):
     cfg(*args)
 
 
-class _Device:
-    """What the strategy choice needs to know about a GPU."""
-
-    def __init__(self, dev_id):
-        if SIMULATOR:
-            self.sms, self.smem_optin, self.max_grid = 2, STATIC_SMEM, 3
-            return
-        dev = cuda.gpus[dev_id]
-        self.sms = int(dev.MULTIPROCESSOR_COUNT)
-        try:
-            self.smem_optin = int(dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        except Exception:
-            self.smem_optin = STATIC_SMEM
-        self.max_grid = self.sms * 64  # every kernel loops over rows with a grid stride
+def _device_limits(dev_id):
+    """DeviceLimits of GPU ``dev_id`` (asked once)."""
+    if SIMULATOR:
+        return DeviceLimits.simulator()
+    d = _DEVICES.get(dev_id)
+    if d is None:
+        with _on_device(dev_id):
+            dev = cuda.gpus[dev_id]
+            try:
+                optin = int(dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            except Exception:
+                optin = STATIC_SMEM
+            try:
+                per_sm = int(dev.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+                regs = int(dev.MAX_REGISTERS_PER_MULTIPROCESSOR)
+                threads = int(dev.MAX_THREADS_PER_MULTI_PROCESSOR)
+            except Exception:
+                per_sm, regs, threads = optin, 65536, 2048
+            d = _DEVICES[dev_id] = DeviceLimits(int(dev.MULTIPROCESSOR_COUNT), optin, per_sm,
+                                                regs, threads, tuple(dev.compute_capability))
+    return d
 
 
 _DEVICES = {}
 _BIG_SMEM = {}
-
-
-def _device_info(dev_id):
-    d = _DEVICES.get(dev_id)
-    if d is None:
-        with _on_device(dev_id):
-            d = _DEVICES[dev_id] = _Device(dev_id)
-    return d
 
 
 def _on_device(dev_id):
@@ -469,7 +465,7 @@ def _allow_smem(name, key, nbytes, dev):
     opts the kernel in (once per kernel and device), up to the device's limit."""
     if nbytes + SMEM_BUFFERS <= STATIC_SMEM:
         return True
-    if SIMULATOR or nbytes + SMEM_BUFFERS > dev.smem_optin:
+    if SIMULATOR or nbytes + SMEM_BUFFERS > dev.max_shared_per_block_optin:
         return False
     ck = (name, key, cuda.current_context().device.id)
     if ck not in _BIG_SMEM:
@@ -478,7 +474,7 @@ def _allow_smem(name, key, nbytes, dev):
             _, sig, _ = cuda_registry.spec(name, key)
             func = _kernel(name, key).overloads[sig.args]._codelibrary.get_cufunc()
             attr = driver.binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            driver.driver.cuKernelSetAttribute(attr, dev.smem_optin - SMEM_BUFFERS, func.handle,
+            driver.driver.cuKernelSetAttribute(attr, dev.max_shared_per_block_optin - SMEM_BUFFERS, func.handle,
                                                func.device.id)
             _BIG_SMEM[ck] = True
         except Exception:  # a numba-cuda without these internals: stay within 48 KiB
@@ -486,60 +482,18 @@ def _allow_smem(name, key, nbytes, dev):
     return _BIG_SMEM[ck]
 
 
-class _Plan:
-    """Strategy and launch shape for n_rows x n_cls."""
-
-    def __init__(self, family, n_rows, n_cls, dt, dev, key=None):
-        self.family = family
-        acc_size = np.dtype(traits(dt).acc_name).itemsize
-        forced = _forced_strategy()
-        strategy = forced or self._auto(n_rows, n_cls, dt, dev, acc_size)
-        self.n_split = 0
-        self.shmem = 0
-        if strategy == "warp":
-            part = "warp_narrow" if n_cls <= warp_capacity("warp_narrow", dt) else "warp"
-            if n_cls > warp_capacity("warp", dt):
-                raise ValueError(f"strategy: warp holds rows of at most {warp_capacity('warp', dt)}"
-                                 f" {dt} values, got {n_cls}")
-            tpr, _ = warp_shape(part, dt)
-            self.block = 64 if SIMULATOR else WARP_BLOCK
-            per_block = self.block // tpr
-            self.grid = max(1, min(-(-n_rows // per_block), dev.max_grid))
-            self.part, self.strategy = part, "warp"
-            return
-        self.block = 64 if SIMULATOR else int(min(MAX_BLOCK, max(128, _pow2ceil(n_cls // 8))))
-        if strategy == "block_cached":
-            self.shmem = n_cls * acc_size
-            if not _allow_smem(f"{family}_block_cached", key or dt, self.shmem, dev):
-                if forced:
-                    raise ValueError(f"strategy: block_cached cannot hold {n_cls} {dt} values "
-                                     f"per row in shared memory on this device")
-                strategy, self.shmem = "block", 0
-        if strategy == "split":
-            if SIMULATOR:
-                self.n_split = int(min(4, max(2, -(-n_cls // 64))))
-            else:
-                most = max(2, n_cls // (self.block * 8))  # chunks of >= 8 values per thread
-                self.n_split = int(min(most, 1024, max(2, -(-2 * dev.sms // max(n_rows, 1)))))
-            self.grid = max(1, min(n_rows * self.n_split, dev.max_grid))
-            self.part = self.strategy = "split"
-            return
-        self.grid = max(1, min(n_rows, dev.max_grid))
-        self.part = self.strategy = strategy
-
-    @staticmethod
-    def _auto(n_rows, n_cls, dt, dev, acc_size):
-        if n_cls <= warp_capacity("warp", dt):
-            return "warp"
-        if n_rows < dev.sms and n_cls >= SPLIT_MIN_C:
-            return "split"
-        if n_cls * acc_size + SMEM_BUFFERS <= dev.smem_optin:
-            return "block_cached"  # (falls back to block if the opt-in fails)
-        return "block"
-
-
-def _pow2ceil(n):
-    return 1 << max(0, int(n - 1).bit_length())
+def _plan(family, n_rows, n_cls, dt, dev, key=None):
+    """The launch plan (gpuce/_cuda_plan.py), with a forced strategy and the driver's
+    answer to block_cached's shared-memory opt-in."""
+    forced = _forced_strategy()
+    plan = plan_for(n_rows, n_cls, dt, dev, family, key, forced)
+    if plan.strategy == "block_cached" and not _allow_smem(plan.kernel, plan.key,
+                                                           plan.shared_bytes, dev):
+        if forced:
+            raise ValueError(f"strategy: block_cached cannot hold {n_cls} {dt} values per "
+                             f"row in shared memory on this device")
+        plan = plan_for(n_rows, n_cls, dt, dev, family, key, "block")
+    return plan
 
 
 # ---- the backend ----------------------------------------------------------------------------
@@ -620,7 +574,7 @@ class CudaBackend:
     def _run_softmax(self, lib, rows, out_v, lse_v, n_rows, n_cls, dt, mode, stream):
         T = traits(dt)
         x_v = lib.kview(rows, T.raw)
-        plan = _Plan("softmax", n_rows, n_cls, dt, _device_info(lib.device(rows)))
+        plan = _plan("softmax", n_rows, n_cls, dt, _device_limits(lib.device(rows)))
         # stand-ins for the output this mode does not write
         out_v = x_v if out_v is None else out_v
         lse_v = _stand_in(lib, rows, T.acc_name) if lse_v is None else lse_v
@@ -633,7 +587,7 @@ class CudaBackend:
             _launch("softmax_split_finish", dt, plan.grid, plan.block, stream, 0, x_v, out_v,
                     lse_v, ws, *ints, np.int64(plan.n_split))
         else:
-            _launch(f"softmax_{plan.part}", dt, plan.grid, plan.block, stream, plan.shmem, x_v,
+            _launch(f"softmax_{plan.part}", dt, plan.grid, plan.block, stream, plan.shared_bytes, x_v,
                     out_v, lse_v, *ints, np.int64(0))
 
     # ---- cross entropy -----------------------------------------------------------------------
@@ -726,7 +680,7 @@ class CudaBackend:
                         st_v, np.int64(n_part))
 
         if n_rows:
-            plan = _Plan("ce", n_rows, n_cls, dt, _device_info(lib.device(x)), key)
+            plan = _plan("ce", n_rows, n_cls, dt, _device_limits(lib.device(x)), key)
             ints = (np.int64(n_rows), np.int64(n_cls), np.int64(req.ignore_index),
                     np.int64(req.soft), np.int64(weighted), np.int64(req.want_grad),
                     np.int64(go_mode), np.int64(use_st))
@@ -740,7 +694,7 @@ class CudaBackend:
                 _launch("ce_split_finish", key, plan.grid, plan.block, stream, 0, x_v, g_v, q_v,
                         t_v, w_v, go_v, loss_v, st_v, ws, *ints, *floats, np.int64(plan.n_split))
             else:
-                _launch(f"ce_{plan.part}", key, plan.grid, plan.block, stream, plan.shmem, x_v,
+                _launch(f"ce_{plan.part}", key, plan.grid, plan.block, stream, plan.shared_bytes, x_v,
                         g_v, q_v, t_v, w_v, go_v, loss_v, st_v, *ints, *floats, np.int64(0))
         if req.reduction != "none":  # the sum of the row losses, on the device
             n_part = _partials(n_rows)

@@ -37,26 +37,9 @@ from numba import cuda, types
 from .cuda_dtypes import DTYPES, array, traits
 from .cuda_reduce import reductions
 from .cuda_rowmath import ACTIVE, IDLE, rowmath
+from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
 
 U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
-WARP_BLOCK = 256   # threads per block of the warp strategy (launch bound)
-MAX_BLOCK = 512    # most threads per block of the other kernels (launch bound: <= 128 regs)
-
-WARP_SHAPES = {  # strategy -> (lanes per row, logits per lane held in registers)
-    "warp": (32, 16),
-    "warp_narrow": (4, 8),   # C <= 32: eight rows per warp, enough bytes in flight
-}
-
-
-def warp_shape(strategy, dt):
-    """(lanes per row, values per lane) of a warp kernel; float64 holds half as many."""
-    tpr, vpt = WARP_SHAPES[strategy]
-    return tpr, (vpt // 2 if dt == "float64" else vpt)
-
-
-def warp_capacity(strategy, dt):
-    tpr, vpt = warp_shape(strategy, dt)
-    return tpr * vpt
 
 
 def ce_signature(dt, kind, qdt=None):

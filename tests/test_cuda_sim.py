@@ -461,8 +461,10 @@ def test_dispatch_routes_simulator_arrays():
 
 
 def test_strategy_choice_and_forcing(monkeypatch):
-    dev = _cuda._device_info(0)
-    plan = _cuda._Plan
+    dev = _cuda._device_limits(0)
+
+    def plan(*args):
+        return _cuda._plan(*args)
     assert plan("ce", 4, 13, "float32", dev).part == "warp_narrow"
     assert plan("ce", 4, 77, "float32", dev).part == "warp"
     assert plan("ce", 4, 300, "float64", dev).part == "block_cached"

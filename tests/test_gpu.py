@@ -198,9 +198,9 @@ def test_block_cached_beyond_48k_shared_memory():
     kind = _kind("cupy", "torch-cuda")
     rng = np.random.default_rng(7)
     x, t, _ = _case(rng, 64, 32768, "float32")  # 128 KiB of row per block
-    dev = _cuda._device_info(0)
-    plan = _cuda._Plan("ce", 64, 32768, "float32", dev)
-    if dev.smem_optin >= 32768 * 4:
+    dev = _cuda._device_limits(0)
+    plan = _cuda._plan("ce", 64, 32768, "float32", dev)
+    if dev.max_shared_per_block_optin >= 32768 * 4:
         assert plan.part == "block_cached", "could not opt in to large shared memory"
     loss, grad = gpuce.cross_entropy_with_grad(kind.to(x), kind.to(t))
     ref_loss, ref_grad = ref_cross_entropy(x, t)
