@@ -391,7 +391,6 @@ def _to_host(view, stream):
 # ---- kernels and launches -------------------------------------------------------------------
 
 _KERNELS = {}
-_CONFIGS = {}
 
 
 def _kernel(name, key):
@@ -417,14 +416,25 @@ def _kernel(name, key):
 
 
 def _launch(name, key, grid, block, stream, shmem, *args):
+    """Launch one kernel. The compiled overload is bound once per (kernel, key) and called
+    directly: no argument typing or overload lookup per call."""
+    launch = _BOUND.get((name, key))
+    if launch is None:
+        launch = _BOUND[(name, key)] = _bind(name, key)
+    launch(args, grid, block, stream, shmem)
+
+
+def _bind(name, key):
     k = _kernel(name, key)
-    ck = (name, key, grid, block, id(stream), shmem)
-    cfg = _CONFIGS.get(ck)
-    if cfg is None:
-        if len(_CONFIGS) > 4096:
-            _CONFIGS.clear()
-        cfg = _CONFIGS[ck] = k[grid, block, stream, shmem]
-    cfg(*args)
+    if SIMULATOR:
+        return lambda args, grid, block, stream, shmem: k[grid, block, stream, shmem](*args)
+    _, sig, _ = cuda_registry.spec(name, key)
+    overload = k.overloads[sig.args]
+    return lambda args, grid, block, stream, shmem: overload.launch(
+        args, (grid, 1, 1), (block, 1, 1), stream, shmem)
+
+
+_BOUND = {}
 
 
 def _device_limits(dev_id):
@@ -629,13 +639,18 @@ class CudaBackend:
         rows = lib.rows(x, -1)
         x_v = lib.kview(rows, T.raw)
 
-        # per-row losses: the result itself for 'none'
-        if req.reduction == "none":
-            loss = loss_rows = lib.empty(x, shape[:-1], acc_name)
-        else:
+        # per-row losses for 'none'; for mean and sum the kernel writes the total itself
+        total = req.reduction != "none"
+        if not total:
+            loss = lib.empty(x, shape[:-1], acc_name)
+            loss_v = lib.kview(loss, acc_dt)
+        elif n_rows:
             loss = lib.empty(x, (), acc_name)
-            loss_rows = lib.empty(x, (n_rows,), acc_name)
-        loss_v = lib.kview(loss_rows, acc_dt)
+            loss_v = lib.kview(lib.reshape(loss, (1,)), acc_dt)
+        else:
+            loss_v = lib.from_host(x, np.zeros(1, acc_name))  # nothing to launch
+            loss = lib.reshape(loss_v, ())
+        ctr_v = _counter(lib, x, stream) if (total and n_rows) else _stand_in(lib, x, "int32")
         # unused array arguments get stand-ins of the right type that the kernel never touches
         key = dt  # kernel variant: the logits' dtype (and the soft targets' if it differs)
         if req.soft:
@@ -674,16 +689,16 @@ class CudaBackend:
                 n_part = _partials(n_rows)
                 part = lib.kview(lib.empty(x, (2 * n_part,), "float64"), _F64)
                 _launch("ce_target_stats", acc_name, n_part, _SMALL_BLOCK, stream, 0, t_v, w_v,
-                        part, np.int64(n_rows), np.int64(n_cls), np.int64(req.ignore_index),
-                        np.int64(weighted))
-                _launch("ce_target_stats_finish", acc_name, 1, _SMALL_BLOCK, stream, 0, part,
-                        st_v, np.int64(n_part))
+                        part, st_v, ctr_v, np.int64(n_rows), np.int64(n_cls),
+                        np.int64(req.ignore_index), np.int64(weighted))
 
         if n_rows:
             plan = _plan("ce", n_rows, n_cls, dt, _device_limits(lib.device(x)), key)
             ints = (np.int64(n_rows), np.int64(n_cls), np.int64(req.ignore_index),
                     np.int64(req.soft), np.int64(weighted), np.int64(req.want_grad),
-                    np.int64(go_mode), np.int64(use_st))
+                    np.int64(go_mode), np.int64(use_st), np.int64(total))
+            part = (lib.kview(lib.empty(x, (plan.grid,), "float64"), _F64) if total
+                    else _stand_in(lib, x, "float64"))
             eps, zl, cap = A(req.label_smoothing), A(req.z_loss), A(req.softcap or 0.0)
             floats = (eps, zl, cap, go_scalar, inv_ce, inv_z)
             if plan.part == "split":
@@ -692,17 +707,12 @@ class CudaBackend:
                 _launch("ce_split_partial", key, plan.grid, plan.block, stream, 0, x_v, q_v,
                         t_v, w_v, ws, *ints[:5], eps, cap, np.int64(plan.n_split))
                 _launch("ce_split_finish", key, plan.grid, plan.block, stream, 0, x_v, g_v, q_v,
-                        t_v, w_v, go_v, loss_v, st_v, ws, *ints, *floats, np.int64(plan.n_split))
+                        t_v, w_v, go_v, loss_v, st_v, part, ctr_v, ws, *ints, *floats,
+                        np.int64(plan.n_split))
             else:
-                _launch(f"ce_{plan.part}", key, plan.grid, plan.block, stream, plan.shared_bytes, x_v,
-                        g_v, q_v, t_v, w_v, go_v, loss_v, st_v, *ints, *floats, np.int64(0))
-        if req.reduction != "none":  # the sum of the row losses, on the device
-            n_part = _partials(n_rows)
-            part = lib.kview(lib.empty(x, (n_part,), "float64"), _F64)
-            _launch("rows_sum", acc_name, n_part, _SMALL_BLOCK, stream, 0, loss_v, part,
-                    np.int64(n_rows))
-            _launch("rows_sum_finish", acc_name, 1, _SMALL_BLOCK, stream, 0, part,
-                    lib.kview(lib.reshape(loss, (1,)), acc_dt), np.int64(n_part))
+                _launch(plan.kernel, key, plan.grid, plan.block, stream, plan.shared_bytes,
+                        x_v, g_v, q_v, t_v, w_v, go_v, loss_v, st_v, part, ctr_v, *ints,
+                        *floats, np.int64(0))
         return loss, (finish() if finish is not None else None)
 
     def _grad_buffer(self, lib, req, x, rows, T):
@@ -782,6 +792,19 @@ def _partials(n):
 
 
 _STAND_INS = {}
+_COUNTERS = {}
+
+
+def _counter(lib, like, stream):
+    """Two int32 last-block tickets (0: target stats, 1: loss total), zeroed once per
+    library, device and stream; the kernels reset them. Kernels on one stream run in order,
+    so they can share them."""
+    key = (lib.name, lib.device(like), id(stream) if stream else 0)
+    a = _COUNTERS.get(key)
+    if a is None:
+        a = _COUNTERS[key] = (lib.kview(lib.from_host(like, np.zeros(2, np.int32)),
+                                        np.dtype(np.int32)), stream)  # (keeps the stream alive)
+    return a[0]
 
 
 def _stand_in(lib, like, dt):

@@ -26,7 +26,7 @@ MAX_BLOCK = 512           # most threads per block of the other kernels (launch 
 SIM_BLOCK = 64            # threads per block under the simulator (each one a Python thread)
 SPLIT_MIN_C = 16384       # split a row across blocks only when it is this long ...
 STATIC_SMEM = 48 * 1024   # shared memory a block gets without opting in
-SMEM_BUFFERS = 512        # the reductions' own shared arrays (2 x 32 float64)
+SMEM_BUFFERS = 2048       # static shared memory of the kernels (ptxas: at most ~1.6 KiB)
 GRID_PER_SM = 64          # grid cap: blocks per SM (grid-stride loops cover the rest)
 
 # warp kernels: part -> (lanes per row, values per lane held in registers; float64 half)

@@ -19,14 +19,19 @@ Strategies, by row length:
 
 Kernel arguments (the same order everywhere; unused arrays get a harmless stand-in):
     x, g, q: logits, gradient, soft targets (storage dtype); tgt: int64 class indices;
-    w, go, loss, st: weights, grad_output, per-row losses, device-computed [1/den_ce, 1/den_z]
-    (accumulator dtype); n_rows, n_cls, ignore_index, soft, weighted, write_grad, go_mode,
-    use_st (int64); eps, zl, cap, go_scalar, inv_ce, inv_z (accumulator); then the
+    w, go, loss, st: weights, grad_output, per-row losses (or the total), device-computed
+    [1/den_ce, 1/den_z] (accumulator dtype); part, ctr: the total's float64 block partials and
+    int32 ticket; n_rows, n_cls, ignore_index, soft, weighted, write_grad, go_mode, use_st,
+    total (int64); eps, zl, cap, go_scalar, inv_ce, inv_z (accumulator); then the
     strategy's own integer (n_split, or an unused 0). The split kernels also take ``ws``, the
     per-chunk partials (and each row's target logit, saved before any in-place write).
 
-Also here: the small helpers the host launches around them (mean divisors, the
-deterministic sum of row losses, target validation, dtype conversion).
+With ``total`` set (reduction mean or sum) the kernel writes no per-row losses: it sums them
+into ``loss[0]`` itself (cuda_reduce.grid_sums: ``part`` holds one float64 per block, ``ctr``
+the last-block ticket), deterministically, so a mean/sum call is at most 3 launches.
+
+Also here: the small helpers the host launches around them (mean divisors, target
+validation, dtype conversion).
 """
 import math
 from functools import lru_cache
@@ -35,7 +40,7 @@ import numpy as np
 from numba import cuda, types
 
 from .cuda_dtypes import DTYPES, array, traits
-from .cuda_reduce import reductions
+from .cuda_reduce import grid_sums, reductions
 from .cuda_rowmath import ACTIVE, IDLE, rowmath
 from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
 
@@ -49,10 +54,10 @@ def ce_signature(dt, kind, qdt=None):
     i64, a = types.int64, T.acc
     if kind == "split_partial":
         return types.void(st, qt, array(i64), acc, acc, i64, i64, i64, i64, i64, a, a, i64)
-    head = (st, st, qt, array(i64), acc, acc, acc, acc)
+    head = (st, st, qt, array(i64), acc, acc, acc, acc, array(types.float64), array(types.int32))
     if kind == "split_finish":
         head = head + (acc,)
-    return types.void(*head, *(i64,) * 8, *(a,) * 6, i64)
+    return types.void(*head, *(i64,) * 9, *(a,) * 6, i64)
 
 
 @lru_cache(maxsize=None)
@@ -61,7 +66,9 @@ def ce_kernel(strategy, dt, qdt=None):
     targets as ``qdt``: float32 probabilities with half logits are used as given)."""
     R = rowmath(dt, qdt)
     RD = reductions(R.T.acc_np)
+    GS = grid_sums()
     acc = R.T.acc
+    f64 = types.float64
     NEG_INF, ZERO, ONE = R.NEG_INF, R.ZERO, R.ONE
     i64 = types.int64
 
@@ -69,9 +76,13 @@ def ce_kernel(strategy, dt, qdt=None):
         TPR, VPT = warp_shape(strategy, dt)
         LOG2 = TPR.bit_length() - 1
 
-        def ce_warp(x, g, q, tgt, w, go, loss, st, n_rows, n_cls, ignore_index, soft, weighted,
-                    write_grad, go_mode, use_st, eps, zl, cap, go_scalar, inv_ce, inv_z, unused):
+        def ce_warp(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
+                    soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
+                    inv_ce, inv_z, unused):
             vals = cuda.local.array(VPT, acc)
+            buf_t = cuda.shared.array(32, f64)
+            flag = cuda.shared.array(1, types.int32)
+            row_sum = f64(0.0)
             tid = i64(cuda.threadIdx.x)
             lane = tid & (TPR - 1)
             per_block = i64(cuda.blockDim.x) >> LOG2
@@ -125,7 +136,10 @@ def ce_kernel(strategy, dt, qdt=None):
                 lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if live and lane == 0:
-                    loss[U(row)] = lv
+                    if total:
+                        row_sum += f64(lv)
+                    else:
+                        loss[U(row)] = lv
                 if write_grad and live:
                     for j in range(VPT):
                         c = j * TPR + lane
@@ -139,17 +153,22 @@ def ce_kernel(strategy, dt, qdt=None):
                                     smooth), gf)
                             else:
                                 g[U(off + c)] = R.store(ZERO)
+            if total:
+                GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_warp
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
 
-        def ce_block(x, g, q, tgt, w, go, loss, st, n_rows, n_cls, ignore_index, soft, weighted,
-                     write_grad, go_mode, use_st, eps, zl, cap, go_scalar, inv_ce, inv_z,
-                     unused):
+        def ce_block(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
+                     soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
+                     inv_ce, inv_z, unused):
             cache = cuda.shared.array(0, acc)  # n_cls accumulators when cached
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
+            buf_t = cuda.shared.array(32, f64)
+            flag = cuda.shared.array(1, types.int32)
+            row_sum = f64(0.0)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
             inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
@@ -206,7 +225,10 @@ def ce_kernel(strategy, dt, qdt=None):
                 lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if tid == 0:
-                    loss[U(row)] = lv
+                    if total:
+                        row_sum += f64(lv)
+                    else:
+                        loss[U(row)] = lv
                 if write_grad:
                     for c in range(tid, n_cls, bd):
                         if state == ACTIVE:
@@ -224,6 +246,8 @@ def ce_kernel(strategy, dt, qdt=None):
                                 gf)
                         else:
                             g[U(off + c)] = R.store(ZERO)
+            if total:
+                GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_block
 
     if strategy == "split_partial":
@@ -274,9 +298,12 @@ def ce_kernel(strategy, dt, qdt=None):
         return ce_split_partial
 
     if strategy == "split_finish":
-        def ce_split_finish(x, g, q, tgt, w, go, loss, st, ws, n_rows, n_cls, ignore_index, soft,
-                            weighted, write_grad, go_mode, use_st, eps, zl, cap, go_scalar,
-                            inv_ce, inv_z, n_split):
+        def ce_split_finish(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls,
+                            ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps,
+                            zl, cap, go_scalar, inv_ce, inv_z, n_split):
+            buf_t = cuda.shared.array(32, f64)
+            flag = cuda.shared.array(1, types.int32)
+            row_sum = f64(0.0)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
             inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
@@ -289,7 +316,7 @@ def ce_kernel(strategy, dt, qdt=None):
                 row = b // n_split
                 chunk = b - row * n_split
                 if chunk != 0 and not write_grad:
-                    continue
+                    continue  # (no barrier in this loop: threads may leave it at any time)
                 m = NEG_INF
                 s = ZERO
                 big_q = ZERO
@@ -317,7 +344,10 @@ def ce_kernel(strategy, dt, qdt=None):
                 lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if chunk == 0 and tid == 0:
-                    loss[U(row)] = lv
+                    if total:
+                        row_sum += f64(lv)
+                    else:
+                        loss[U(row)] = lv
                 if write_grad:
                     lo = chunk * length
                     for c in range(lo + tid, min(n_cls, lo + length), bd):
@@ -328,6 +358,8 @@ def ce_kernel(strategy, dt, qdt=None):
                                 R.grad_factor(z, cap))
                         else:
                             g[U(off + c)] = R.store(ZERO)
+            if total:
+                GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_split_finish
 
     raise KeyError(strategy)
@@ -335,27 +367,28 @@ def ce_kernel(strategy, dt, qdt=None):
 
 # ---- helpers around the main kernels ------------------------------------------------------
 
-# Sums over rows run in two deterministic levels: ``G`` blocks each reduce a fixed, strided
-# share into one float64 partial, then one block adds the G partials in order. No atomics, so
-# the same call on the same device gives the same bits; many blocks, so large N stays cheap.
-
 def stats_signature(acc_name):
     a = getattr(types, acc_name)
     i64 = types.int64
-    return types.void(array(i64), array(a), array(types.float64), i64, i64, i64, i64)
+    return types.void(array(i64), array(a), array(types.float64), array(a), array(types.int32),
+                      i64, i64, i64, i64)
 
 
 @lru_cache(maxsize=None)
 def target_stats_kernel(acc_name):
-    """part[2b], part[2b+1] = block b's share of (sum of w_y, count) over the kept rows with
-    a valid target."""
+    """st = [1/sum of w_y, 1/count] over the kept rows with a valid target (0 where a sum is
+    0: every row ignored gives a zero loss and gradient), in one launch: each block writes
+    its share to part[2b], part[2b+1]; the last block adds them in block order."""
     RD = reductions(np.float64)
+    GS = grid_sums()
     f64 = types.float64
     i64 = types.int64
+    A = np.dtype(acc_name).type
     ZERO64, ONE64 = np.float64(0.0), np.float64(1.0)
 
-    def ce_target_stats(tgt, w, part, n_rows, n_cls, ignore_index, weighted):
+    def ce_target_stats(tgt, w, part, st, ctr, n_rows, n_cls, ignore_index, weighted):
         buf = cuda.shared.array(32, f64)
+        flag = cuda.shared.array(1, types.int32)
         tid = i64(cuda.threadIdx.x)
         bd = i64(cuda.blockDim.x)
         sw = ZERO64
@@ -370,87 +403,18 @@ def target_stats_kernel(acc_name):
         if tid == 0:
             part[U(2 * i64(cuda.blockIdx.x))] = sw
             part[U(2 * i64(cuda.blockIdx.x) + 1)] = kept
+        if GS.last_block_done(ctr, 0, flag):
+            sw = ZERO64
+            kept = ZERO64
+            for b in range(tid, i64(cuda.gridDim.x), bd):
+                sw += part[U(2 * b)]
+                kept += part[U(2 * b + 1)]
+            sw = RD.block_sum(sw, buf)
+            kept = RD.block_sum(kept, buf)
+            if tid == 0:
+                st[0] = A(0.0) if sw == ZERO64 else A(ONE64 / sw)
+                st[1] = A(0.0) if kept == ZERO64 else A(ONE64 / kept)
     return ce_target_stats
-
-
-def stats_finish_signature(acc_name):
-    a = getattr(types, acc_name)
-    return types.void(array(types.float64), array(a), types.int64)
-
-
-@lru_cache(maxsize=None)
-def target_stats_finish_kernel(acc_name):
-    """One block: st = [1/sum w_y, 1/kept rows] from the partials; 0 where a sum is 0 (every
-    row ignored: a zero loss and gradient)."""
-    RD = reductions(np.float64)
-    f64 = types.float64
-    i64 = types.int64
-    A = np.dtype(acc_name).type
-    ZERO64, ONE64 = np.float64(0.0), np.float64(1.0)
-
-    def ce_target_stats_finish(part, st, n_part):
-        buf = cuda.shared.array(32, f64)
-        sw = ZERO64
-        kept = ZERO64
-        for b in range(i64(cuda.threadIdx.x), n_part, i64(cuda.blockDim.x)):
-            sw += part[U(2 * b)]
-            kept += part[U(2 * b + 1)]
-        sw = RD.block_sum(sw, buf)
-        kept = RD.block_sum(kept, buf)
-        if cuda.threadIdx.x == 0:
-            st[0] = A(0.0) if sw == ZERO64 else A(ONE64 / sw)
-            st[1] = A(0.0) if kept == ZERO64 else A(ONE64 / kept)
-    return ce_target_stats_finish
-
-
-def rows_sum_signature(acc_name):
-    a = getattr(types, acc_name)
-    return types.void(array(a), array(types.float64), types.int64)
-
-
-@lru_cache(maxsize=None)
-def rows_sum_kernel(acc_name):
-    """part[b] = block b's share of the sum of the row losses, in float64."""
-    RD = reductions(np.float64)
-    f64 = types.float64
-    i64 = types.int64
-    ZERO64 = np.float64(0.0)
-
-    def rows_sum(vals, part, n):
-        buf = cuda.shared.array(32, f64)
-        bd = i64(cuda.blockDim.x)
-        t = ZERO64
-        for i in range(i64(cuda.blockIdx.x) * bd + i64(cuda.threadIdx.x), n,
-                       i64(cuda.gridDim.x) * bd):
-            t += f64(vals[U(i)])
-        t = RD.block_sum(t, buf)
-        if cuda.threadIdx.x == 0:
-            part[U(cuda.blockIdx.x)] = t
-    return rows_sum
-
-
-def sum_finish_signature(acc_name):
-    a = getattr(types, acc_name)
-    return types.void(array(types.float64), array(a), types.int64)
-
-
-@lru_cache(maxsize=None)
-def sum_finish_kernel(acc_name):
-    """One block: out[0] = the sum of the partials, added in a fixed order."""
-    RD = reductions(np.float64)
-    i64 = types.int64
-    A = np.dtype(acc_name).type
-    ZERO64 = np.float64(0.0)
-
-    def rows_sum_finish(part, out, n_part):
-        buf = cuda.shared.array(32, types.float64)
-        t = ZERO64
-        for b in range(i64(cuda.threadIdx.x), n_part, i64(cuda.blockDim.x)):
-            t += part[U(b)]
-        t = RD.block_sum(t, buf)
-        if cuda.threadIdx.x == 0:
-            out[0] = A(t)
-    return rows_sum_finish
 
 
 def check_targets_signature():

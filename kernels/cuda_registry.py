@@ -8,10 +8,7 @@ launch, for the PTX compile test and benchmarks/ptx_report.py.
 """
 from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, _INT_TYPES, ce_kernel, ce_signature,
                                  check_targets_kernel, check_targets_signature, convert_kernel,
-                                 convert_signature, rows_sum_kernel, rows_sum_signature,
-                                 stats_finish_signature, stats_signature, sum_finish_kernel,
-                                 sum_finish_signature, target_stats_finish_kernel,
-                                 target_stats_kernel)
+                                 convert_signature, stats_signature, target_stats_kernel)
 from .cuda_dtypes import DTYPES
 from .cuda_softmax import softmax_kernel, softmax_signature
 
@@ -30,16 +27,10 @@ def spec(name, key):
         return softmax_kernel(part, key), softmax_signature(key, part), _bound(part)
     if name == "ce_target_stats":
         return target_stats_kernel(key), stats_signature(key), MAX_BLOCK
-    if name == "ce_target_stats_finish":
-        return target_stats_finish_kernel(key), stats_finish_signature(key), MAX_BLOCK
     if name.startswith("ce_"):
         part = name[len("ce_"):]
         dt, qdt = key if isinstance(key, tuple) else (key, None)
         return ce_kernel(part, dt, qdt), ce_signature(dt, part, qdt), _bound(part)
-    if name == "rows_sum":
-        return rows_sum_kernel(key), rows_sum_signature(key), MAX_BLOCK
-    if name == "rows_sum_finish":
-        return sum_finish_kernel(key), sum_finish_signature(key), MAX_BLOCK
     if name == "check_targets":
         return check_targets_kernel(), check_targets_signature(), MAX_BLOCK
     if name == "convert":
@@ -54,8 +45,7 @@ def all_specs(main_only=False):
     out += [(f"ce_{part}", (dt, "float32")) for part in _PARTS for dt in HALF_SOFT]
     if main_only:
         return out
-    out += [(n, acc) for n in ("ce_target_stats", "ce_target_stats_finish", "rows_sum",
-                               "rows_sum_finish") for acc in ("float32", "float64")]
+    out += [("ce_target_stats", acc) for acc in ("float32", "float64")]
     out.append(("check_targets", None))
     out += [("convert", (a, b)) for a in DTYPES for b in DTYPES if a != b]
     out += [("convert", (i, "int64")) for i in _INT_TYPES if i != "int64"]

@@ -482,6 +482,34 @@ def test_strategy_choice_and_forcing(monkeypatch):
         plan("ce", 4, 13, "float32", dev)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_mean_and_sum_launch_at_most_three_kernels(case, monkeypatch):
+    """The mean divisors and the total are folded into their producers (a last-block ticket,
+    then a fixed-order sum): at most 3 launches, and repeated calls give the same bits (the
+    ticket resets itself)."""
+    strategy, n_cls = STRATEGY_CASES[case]
+    launched = []
+    real = _cuda._launch
+
+    def recording(name, *args):
+        launched.append(name)
+        return real(name, *args)
+    monkeypatch.setattr(_cuda, "_launch", recording)
+    rng = np.random.default_rng(37)
+    for opt in ("weight_ignore_mean", "smooth_weight_sum"):
+        x, t, kw = build_case(rng, 5, n_cls, "float32", OPTIONS[opt])
+        ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
+        losses = []
+        for _ in range(2):
+            launched.clear()
+            loss, grad = run_ce(x, t, strategy, **kw)
+            assert 1 <= len(launched) <= 3, launched
+            losses.append(loss)
+        check_loss(losses[0], ref_loss, "float32", f"{opt} loss")
+        check_array(grad, ref_grad, "float32", f"{opt} grad")
+        assert losses[0].tobytes() == losses[1].tobytes()
+
+
 def test_simulated_shuffles():
     """shfl_{xor,down,up,sync} in a full warp and in a partial last warp (40 threads)."""
     @cuda.jit
