@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu,
 
 if HAVE_GPU:
     import gpuce
-    from gpuce import _cuda
+    from gpuce import _cuda, _cuda_arrays
     from numba import cuda
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
@@ -110,7 +110,7 @@ def test_non_default_stream_torch():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        assert _cuda._TorchLib(torch).stream(xd) != 0
+        assert _cuda_arrays._TorchLib(torch).stream(xd) != 0
         xd2 = xd * 1.0  # made on s: gpuce must be ordered after it
         loss, grad = gpuce.cross_entropy_with_grad(xd2, td, reduction="sum")
     s.synchronize()
@@ -228,7 +228,7 @@ def test_gpu_half_rounding_is_exact(dt):
                            np.array([1 + 2**-8, 1 + 3 * 2**-8, 65520.0, 3.4e38, -0.0, np.inf,
                                      np.nan], np.float32)])
     be = _cuda.CudaBackend()
-    lib, xd = _cuda._lib_for(kind.to(vals))
+    lib, xd = _cuda_arrays._lib_for(kind.to(vals))
     got = be._converted(xd, dt, None, lib.stream(xd)).copy_to_host().view(DTYPES[dt])
     with np.errstate(all="ignore"):
         want = vals.astype(DTYPES[dt])
