@@ -26,7 +26,8 @@ from numba import cuda
 from . import _dispatch
 from ._cuda_arrays import (_NUMBA, _dtype_name, is_cuda_array, _lib_for, _NeedsLayout, _overlap,
                            _relayout, _same_buffer, _to_host, _to_numba)
-from ._cuda_plan import MAX_BLOCK, SMEM_BUFFERS, STATIC_SMEM, DeviceLimits, plan_for
+from ._cuda_plan import (MAX_BLOCK, SMEM_BUFFERS, STATIC_SMEM, DeviceLimits, plan_for,
+                         row_aligned)
 from .kernels import cuda_registry
 from .kernels.cuda_dtypes import SIMULATOR, traits
 from .kernels.cuda_softmax import LOG_SOFTMAX, LOGSUMEXP, SOFTMAX
@@ -164,17 +165,17 @@ def _allow_smem(name, key, nbytes, dev):
     return _BIG_SMEM[ck]
 
 
-def _plan(family, n_rows, n_cls, dt, dev, key=None):
+def _plan(family, n_rows, n_cls, dt, dev, key=None, aligned=False):
     """The launch plan (gpuce/_cuda_plan.py), with a forced strategy and the driver's
     answer to block_cached's shared-memory opt-in."""
     forced = _forced_strategy()
-    plan = plan_for(n_rows, n_cls, dt, dev, family, key, forced)
+    plan = plan_for(n_rows, n_cls, dt, dev, family, key, forced, aligned)
     if plan.strategy == "block_cached" and not _allow_smem(plan.kernel, plan.key,
                                                            plan.shared_bytes, dev):
         if forced:
             raise ValueError(f"strategy: block_cached cannot hold {n_cls} {dt} values per "
                              f"row in shared memory on this device")
-        plan = plan_for(n_rows, n_cls, dt, dev, family, key, "block")
+        plan = plan_for(n_rows, n_cls, dt, dev, family, key, "block", aligned)
     return plan
 
 
@@ -236,31 +237,34 @@ class CudaBackend:
                 direct = out_rows  # written in place (x itself is fine: see the kernels)
         dest = direct if direct is not None else lib.empty(x, moved, dt)
         if n_rows and n_cls:
-            self._run_softmax(lib, rows, lib.kview(dest, T.raw), None, n_rows, n_cls, dt, mode,
-                              stream)
+            self._run_softmax(lib, rows, dest, None, n_rows, n_cls, dt, mode, stream)
         if out is None:
             return lib.moveaxis(dest, -1, axis)
         if direct is None:
             lib.copy_into(out, lib.moveaxis(dest, -1, axis))
         return out
 
-    def _run_softmax(self, lib, rows, out_v, lse_v, n_rows, n_cls, dt, mode, stream):
+    def _run_softmax(self, lib, rows, dest, lse_v, n_rows, n_cls, dt, mode, stream):
         T = traits(dt)
-        x_v = lib.kview(rows, T.raw)
-        plan = _plan("softmax", n_rows, n_cls, dt, _device_limits(lib.device(rows)))
+        aligned = row_aligned(n_cls, dt, lib.ptr(rows), *(() if dest is None
+                                                          else (lib.ptr(dest),)))
+        plan = _plan("softmax", n_rows, n_cls, dt, _device_limits(lib.device(rows)),
+                     aligned=aligned)
+        view = _WORDS if plan.vectorized else T.raw
+        x_v = lib.kview(rows, view)
         # stand-ins for the output this mode does not write
-        out_v = x_v if out_v is None else out_v
+        out_v = x_v if dest is None else lib.kview(dest, view)
         lse_v = _stand_in(lib, rows, T.acc_name) if lse_v is None else lse_v
         ints = (np.int64(n_rows), np.int64(n_cls), np.int64(mode))
         if plan.part == "split":
             ws = lib.kview(lib.empty(rows, (2 * n_rows * plan.n_split,), T.acc_name),
                            np.dtype(T.acc_name))
-            _launch("softmax_split_partial", dt, plan.grid, plan.block, stream, 0, x_v, ws,
+            _launch(plan.kernels[0], dt, plan.grid, plan.block, stream, 0, x_v, ws,
                     ints[0], ints[1], np.int64(plan.n_split))
-            _launch("softmax_split_finish", dt, plan.grid, plan.block, stream, 0, x_v, out_v,
+            _launch(plan.kernels[1], dt, plan.grid, plan.block, stream, 0, x_v, out_v,
                     lse_v, ws, *ints, np.int64(plan.n_split))
         else:
-            _launch(f"softmax_{plan.part}", dt, plan.grid, plan.block, stream, plan.shared_bytes, x_v,
+            _launch(plan.kernel, dt, plan.grid, plan.block, stream, plan.shared_bytes, x_v,
                     out_v, lse_v, *ints, np.int64(0))
 
     # ---- cross entropy -----------------------------------------------------------------------
@@ -300,7 +304,6 @@ class CudaBackend:
         n_rows = math.prod(shape[:-1])
         stream = lib.stream(x)
         rows = lib.rows(x, -1)
-        x_v = lib.kview(rows, T.raw)
 
         # per-row losses for 'none'; for mean and sum the kernel writes the total itself
         total = req.reduction != "none"
@@ -316,14 +319,15 @@ class CudaBackend:
         ctr_v = _counter(lib, x, stream) if (total and n_rows) else _stand_in(lib, x, "int32")
         # unused array arguments get stand-ins of the right type that the kernel never touches
         key = dt  # kernel variant: the logits' dtype (and the soft targets' if it differs)
+        q_lib = q = None
         if req.soft:
             if _dtype_name(req.target) != dt and dt in cuda_registry.HALF_SOFT:
                 key = (dt, "float32")  # probabilities used as given, not rounded to halves
-            q_v = self._converted(req.target, key[1] if key != dt else dt, -1, stream)
+            q_lib, q = self._converted_array(req.target, key[1] if key != dt else dt, -1,
+                                             stream)
             t_v = _stand_in(lib, x, "int64")
         else:
             t_v = self._converted(req.target, "int64", None, stream)
-            q_v = x_v
         weighted = req.weight is not None
         w_v = (self._converted(req.weight, acc_name, None, stream) if weighted
                else loss_v)
@@ -333,9 +337,9 @@ class CudaBackend:
         else:
             go_v = self._converted(go, acc_name, None, stream)
             go_mode, go_scalar = (1 if req.reduction == "none" else 2), A(1.0)
-        g_v, finish = x_v, None
+        g_lib = g = finish = None
         if req.want_grad:
-            g_v, finish = self._grad_buffer(lib, req, x, rows, T)
+            g_lib, g, finish = self._grad_buffer(lib, req, x, rows)
 
         if req.validate and not req.soft and n_rows:
             self._validate(lib, x, t_v, n_rows, n_cls, req.ignore_index, stream)
@@ -356,7 +360,15 @@ class CudaBackend:
                         np.int64(req.ignore_index), np.int64(weighted))
 
         if n_rows:
-            plan = _plan("ce", n_rows, n_cls, dt, _device_limits(lib.device(x)), key)
+            ptrs = [lib.ptr(rows)] + [lb.ptr(a) for lb, a in ((g_lib, g), (q_lib, q))
+                                      if a is not None]
+            plan = _plan("ce", n_rows, n_cls, dt, _device_limits(lib.device(x)), key,
+                         row_aligned(n_cls, dt, *ptrs))
+            view = _WORDS if plan.vectorized else T.raw
+            x_v = lib.kview(rows, view)
+            g_v = x_v if g is None else g_lib.kview(g, view)
+            q_v = (x_v if q is None else
+                   q_lib.kview(q, _WORDS if plan.vectorized else traits(_dtype_name(q)).raw))
             ints = (np.int64(n_rows), np.int64(n_cls), np.int64(req.ignore_index),
                     np.int64(req.soft), np.int64(weighted), np.int64(req.want_grad),
                     np.int64(go_mode), np.int64(use_st), np.int64(total))
@@ -367,9 +379,9 @@ class CudaBackend:
             if plan.part == "split":
                 ws = lib.kview(lib.empty(x, (n_rows * (4 * plan.n_split + 1),), acc_name),
                                acc_dt)
-                _launch("ce_split_partial", key, plan.grid, plan.block, stream, 0, x_v, q_v,
+                _launch(plan.kernels[0], key, plan.grid, plan.block, stream, 0, x_v, q_v,
                         t_v, w_v, ws, *ints[:5], eps, cap, np.int64(plan.n_split))
-                _launch("ce_split_finish", key, plan.grid, plan.block, stream, 0, x_v, g_v, q_v,
+                _launch(plan.kernels[1], key, plan.grid, plan.block, stream, 0, x_v, g_v, q_v,
                         t_v, w_v, go_v, loss_v, st_v, part, ctr_v, ws, *ints, *floats,
                         np.int64(plan.n_split))
             else:
@@ -378,20 +390,21 @@ class CudaBackend:
                         *floats, np.int64(0))
         return loss, (finish() if finish is not None else None)
 
-    def _grad_buffer(self, lib, req, x, rows, T):
-        """(numba view the kernel writes, function returning the user's gradient)."""
+    def _grad_buffer(self, lib, req, x, rows):
+        """(library, C-contiguous array the kernel writes, function returning the user's
+        gradient)."""
         if req.inplace:
             if _same_buffer(rows, x):
-                return lib.kview(rows, T.raw), lambda: req.logits
+                return lib, rows, lambda: req.logits
 
             def copy_back():  # strided logits: the kernel wrote the contiguous copy
                 lib.copy_into(x, rows)
                 return req.logits
-            return lib.kview(rows, T.raw), copy_back
+            return lib, rows, copy_back
         if req.out is not None:
             lib_out, out = _lib_for(req.out)
             if lib_out.contiguous(out) and (not _overlap(out, rows) or _same_buffer(out, rows)):
-                return lib_out.kview(out, T.raw), lambda: req.out
+                return lib_out, out, lambda: req.out
             if lib_out is not lib:
                 raise TypeError("out: a non-contiguous out= must come from the logits' array "
                                 "library")
@@ -400,13 +413,18 @@ class CudaBackend:
             def copy_out():
                 lib.copy_into(out, tmp)
                 return req.out
-            return lib.kview(tmp, T.raw), copy_out
+            return lib, tmp, copy_out
         grad = lib.empty(x, tuple(x.shape), req.dtype)
-        return lib.kview(grad, T.raw), lambda: grad
+        return lib, grad, lambda: grad
 
     def _converted(self, a, dt, axis, stream):
         """Flat C-order kernel view of ``a`` as dtype ``dt``, converted on the device (on the
         logits' ``stream``) if needed. ``a`` may come from another array library."""
+        lib, arr = self._converted_array(a, dt, axis, stream)
+        return lib.kview(arr, np.dtype(np.int64) if dt == "int64" else traits(dt).raw)
+
+    def _converted_array(self, a, dt, axis, stream):
+        """(library, C-contiguous array of dtype ``dt``) holding ``a``."""
         lib, a = _lib_for(a)
         if axis is not None or (a.ndim and not lib.contiguous(a)):
             axis = a.ndim - 1 if axis is None else axis
@@ -416,16 +434,16 @@ class CudaBackend:
                 lib, a = _relayout(a)
                 a = lib.rows(a, axis)
         src = _dtype_name(a)
-        raw = np.dtype(np.int64) if dt == "int64" else traits(dt).raw
         if src == dt:
-            return lib.kview(a, raw)
+            return lib, a
+        raw = np.dtype(np.int64) if dt == "int64" else traits(dt).raw
         dst = lib.empty(a, tuple(a.shape), dt)
         n = math.prod(a.shape)
         if n:
             src_raw = traits(src).raw if src in _FLOATS else np.dtype(src)
             _launch("convert", (src, dt), _grid_for(n), _SMALL_BLOCK, stream, 0,
                     lib.kview(a, src_raw), lib.kview(dst, raw), np.int64(n))
-        return lib.kview(dst, raw)
+        return lib, dst
 
     def _validate(self, lib, x, t_v, n_rows, n_cls, ignore_index, stream):
         bad = lib.kview(lib.from_host(x, np.array([n_rows], dtype=np.int64)), np.dtype(np.int64))
@@ -443,6 +461,7 @@ _SMALL_BLOCK = 64 if SIMULATOR else MAX_BLOCK  # threads of the one-block helper
 
 
 _F64 = np.dtype(np.float64)
+_WORDS = np.dtype(np.int32)  # the 128-bit kernels' view of rows
 
 
 def _grid_for(n):

@@ -53,9 +53,8 @@ class _Lib:
         return a.is_c_contiguous()
 
     def kview(self, a, raw):
-        if a.dtype != raw:
-            a = a.view(raw)
-        return a.reshape(-1)
+        a = a.reshape(-1)
+        return a if a.dtype == raw else a.view(raw)
 
     def reshape(self, a, shape):
         return a.reshape(shape)
@@ -115,9 +114,10 @@ class _CupyLib(_Lib):
         return self.cp.moveaxis(a, src, dst)
 
     def kview(self, a, raw):
+        a = a.reshape(-1)
         if a.dtype != raw:
             a = a.view(raw)
-        return cuda.as_cuda_array(a.reshape(-1), sync=False)
+        return cuda.as_cuda_array(a, sync=False)
 
     def copy_into(self, dst, src):
         item = {2: np.int16, 4: np.int32, 8: np.int64}[dst.dtype.itemsize]
@@ -155,10 +155,12 @@ class _TorchLib(_Lib):
         return a.movedim(src, dst)
 
     def kview(self, a, raw):
-        a = a.detach()
-        if a.dtype == self.torch.bfloat16:  # torch exports no bfloat16 array interface
+        a = a.detach().reshape(-1)
+        if raw == np.int32 and a.dtype != self.torch.int32:  # 32-bit words (cuda_vec)
+            a = a.view(self.torch.int32)
+        elif a.dtype == self.torch.bfloat16:  # torch exports no bfloat16 array interface
             a = a.view(self.torch.int16)
-        return cuda.as_cuda_array(a.reshape(-1), sync=False)
+        return cuda.as_cuda_array(a, sync=False)
 
     def copy_into(self, dst, src):
         dst.detach().copy_(src.detach())
@@ -200,7 +202,7 @@ class _NumbaLib(_Lib):
         return cuda.device_array(shape, dtype=_np_dtype(dt))
 
     def rows(self, a, axis):
-        if axis == a.ndim - 1 and a.is_c_contiguous():
+        if axis % max(a.ndim, 1) == a.ndim - 1 and a.is_c_contiguous():
             return a
         raise _NeedsLayout
 
@@ -233,7 +235,7 @@ class _SimLib(_Lib):
         return cuda.to_device(np.full(shape, junk, dtype=d))
 
     def rows(self, a, axis):
-        if axis == a.ndim - 1 and a.is_c_contiguous():
+        if axis % max(a.ndim, 1) == a.ndim - 1 and a.is_c_contiguous():
             return a
         return cuda.to_device(np.ascontiguousarray(np.moveaxis(a.copy_to_host(), axis, -1)))
 

@@ -14,11 +14,16 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 | block_cached | the row (accumulator dtype) fits in the opt-in shared memory | as split | C x acc bytes |
 | block        | any C                                  | as split            | 0              |
 
+Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4 fp32, 8
+fp16/bf16 or 2 fp64 values), taken when every row of the logits, gradient/output and soft
+targets starts on 16 bytes (row bytes a multiple of 16, aligned base pointers); otherwise
+the scalar kernel runs (e.g. C = 50257, or an offset view).
+
 ``block_cached`` falls back to ``block`` when the kernel cannot opt in to that much shared
 memory (the backend asks the driver). Every kernel loops over its rows with a grid stride,
 so grids are capped at 64 blocks per SM.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 STRATEGIES = ("warp", "block_cached", "block", "split")
 WARP_BLOCK = 256          # threads per block of the warp kernels (their launch bound)
@@ -28,6 +33,8 @@ SPLIT_MIN_C = 16384       # split a row across blocks only when it is this long 
 STATIC_SMEM = 48 * 1024   # shared memory a block gets without opting in
 SMEM_BUFFERS = 2048       # static shared memory of the kernels (ptxas: at most ~1.6 KiB)
 GRID_PER_SM = 64          # grid cap: blocks per SM (grid-stride loops cover the rest)
+VEC = "_vec"              # kernel name suffix of the 128-bit variant (kernels/cuda_vec.py)
+VEC_BYTES = 16
 
 # warp kernels: part -> (lanes per row, values per lane held in registers; float64 half)
 WARP_SHAPES = {
@@ -121,11 +128,31 @@ def block_threads(n_cls, device):
     return int(min(MAX_BLOCK, max(128, _pow2ceil(n_cls // 8))))
 
 
-def plan_for(n_rows, n_cls, dtype_name, device, family="ce", key=None, strategy=None):
+def plan_for(n_rows, n_cls, dtype_name, device, family="ce", key=None, strategy=None,
+             aligned=None):
     """The LaunchPlan for n_rows x n_cls logits of ``dtype_name`` on ``device``.
     ``strategy`` forces one (ValueError if it cannot hold the row); ``key`` defaults to the
-    dtype (cross entropy with half logits and float32 soft targets passes (dt, "float32"))."""
+    dtype (cross entropy with half logits and float32 soft targets passes (dt, "float32")).
+    ``aligned``: every row (and output row) starts on 16 bytes, so the 128-bit variant
+    (kernel names ending in ``_vec``) runs; None assumes freshly allocated arrays (aligned
+    when C x element size is a multiple of 16)."""
     dt = dtype_name
+    if aligned is None:
+        aligned = row_aligned(n_cls, dt)
+    plan = _plan(n_rows, n_cls, dt, device, family, key, strategy)
+    if not aligned:
+        return plan
+    names = tuple(n + VEC for n in plan.kernels)
+    return replace(plan, kernel=names[0], kernels=names, vectorized=True)
+
+
+def row_aligned(n_cls, dt, *pointers):
+    """Do rows of n_cls ``dt`` values starting at these addresses all start on 16 bytes?"""
+    return (n_cls * _ITEM_BYTES[dt]) % VEC_BYTES == 0 and all(p % VEC_BYTES == 0
+                                                             for p in pointers)
+
+
+def _plan(n_rows, n_cls, dt, device, family, key, strategy):
     key = dt if key is None else key
     forced = strategy
     strategy = forced or auto_strategy(n_rows, n_cls, dt, device)

@@ -42,15 +42,18 @@ from numba import cuda, types
 from .cuda_dtypes import DTYPES, array, traits
 from .cuda_reduce import grid_sums, reductions
 from .cuda_rowmath import ACTIVE, IDLE, rowmath
+from .cuda_vec import access, step_elems
 from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
 
 U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
 
 
-def ce_signature(dt, kind, qdt=None):
+def ce_signature(dt, kind, qdt=None, vec=False):
     T = traits(dt)
     st, acc = array(T.storage), array(T.acc)
     qt = array(traits(qdt or dt).storage)
+    if vec:  # the 128-bit variant reads and writes rows through int32 views
+        st = qt = array(types.int32)
     i64, a = types.int64, T.acc
     if kind == "split_partial":
         return types.void(st, qt, array(i64), acc, acc, i64, i64, i64, i64, i64, a, a, i64)
@@ -61,9 +64,10 @@ def ce_signature(dt, kind, qdt=None):
 
 
 @lru_cache(maxsize=None)
-def ce_kernel(strategy, dt, qdt=None):
+def ce_kernel(strategy, dt, qdt=None, vec=False):
     """The Python function of one strategy's kernel for logits stored as ``dt`` (and soft
-    targets as ``qdt``: float32 probabilities with half logits are used as given)."""
+    targets as ``qdt``: float32 probabilities with half logits are used as given). ``vec``:
+    the 128-bit variant (x, g, q are int32 views; every row start 16-byte aligned)."""
     R = rowmath(dt, qdt)
     RD = reductions(R.T.acc_np)
     GS = grid_sums()
@@ -71,15 +75,21 @@ def ce_kernel(strategy, dt, qdt=None):
     f64 = types.float64
     NEG_INF, ZERO, ONE = R.NEG_INF, R.ZERO, R.ONE
     i64 = types.int64
+    K = step_elems(dt) if vec else 1  # elements per memory access
+    AX = access(dt, K)
+    AQ = access(qdt or dt, K)
 
     if strategy in WARP_SHAPES:
         TPR, VPT = warp_shape(strategy, dt)
         LOG2 = TPR.bit_length() - 1
+        SPL = VPT // K  # steps per lane
 
         def ce_warp(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
                     soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
                     inv_ce, inv_z, unused):
             vals = cuda.local.array(VPT, acc)
+            sv = cuda.local.array(K, acc)
+            qv = cuda.local.array(K, acc)
             buf_t = cuda.shared.array(32, f64)
             flag = cuda.shared.array(1, types.int32)
             row_sum = f64(0.0)
@@ -90,50 +100,62 @@ def ce_kernel(strategy, dt, qdt=None):
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
+            n_steps = n_cls // K
             for first in range(i64(cuda.blockIdx.x) * per_block, n_rows,
                                i64(cuda.gridDim.x) * per_block):
                 row = first + (tid >> LOG2)
                 live = row < n_rows
-                off = row * n_cls
+                rs = row * n_steps  # the row's first step
                 if soft:
                     state, y = (ACTIVE if live else IDLE), i64(-1)
                 else:
                     state, y = R.hard_target(tgt, row, live, n_cls, ignore_index)
                 m = NEG_INF
                 z_y = ZERO
-                for j in range(VPT):
-                    c = j * TPR + lane
-                    z = NEG_INF
-                    if live and c < n_cls:
-                        z = R.logit(x[U(off + c)], cap)
-                    if c == y:
-                        z_y = z  # taken from registers: no re-read that in-place writes could race
-                    vals[j] = z
-                    if z > m:
-                        m = z
+                for j in range(SPL):
+                    s = j * TPR + lane
+                    if live and s < n_steps:
+                        AX.load(x, rs + s, sv)
+                        for k in range(K):
+                            sv[k] = R.capped(sv[k], cap)
+                    else:  # padding: -inf, which adds nothing
+                        for k in range(K):
+                            sv[k] = NEG_INF
+                    for k in range(K):
+                        z = sv[k]
+                        if s * K + k == y:
+                            z_y = z  # from registers: no re-read that in-place writes could race
+                        vals[j * K + k] = z
+                        if z > m:
+                            m = z
                 m = R.finite_max(RD.warp_max(m, TPR))
                 if not soft:
                     z_y = RD.warp_sum(z_y, TPR)
-                s = ZERO
+                se = ZERO
                 big_q = ZERO
                 qz = ZERO
-                for j in range(VPT):
-                    c = j * TPR + lane
-                    z = vals[j]
-                    e = math.exp(z - m)
-                    s += e
-                    if dist and live and c < n_cls:
-                        wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
-                        big_q += wq
-                        qz += R.dist_term(wq, z, m)
-                    vals[j] = e
-                s = RD.warp_sum(s, TPR)
+                for j in range(SPL):
+                    s = j * TPR + lane
+                    on = dist and live and s < n_steps
+                    if on and soft:
+                        AQ.load(q, rs + s, qv)
+                    for k in range(K):
+                        z = vals[j * K + k]
+                        e = math.exp(z - m)
+                        se += e
+                        if on:
+                            wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted,
+                                             keep, smooth)
+                            big_q += wq
+                            qz += R.dist_term(wq, z, m)
+                        vals[j * K + k] = e
+                se = RD.warp_sum(se, TPR)
                 if dist:
                     big_q = RD.warp_sum(big_q, TPR)
                     qz = RD.warp_sum(qz, TPR)
                 t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
                                           go_scalar, row)
-                lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
+                lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if live and lane == 0:
                     if total:
@@ -141,18 +163,29 @@ def ce_kernel(strategy, dt, qdt=None):
                     else:
                         loss[U(row)] = lv
                 if write_grad and live:
-                    for j in range(VPT):
-                        c = j * TPR + lane
-                        if c < n_cls:
+                    for j in range(SPL):
+                        s = j * TPR + lane
+                        if s < n_steps:
                             if state == ACTIVE:
-                                gf = ONE
                                 if cap > ZERO:
-                                    gf = R.grad_factor(R.logit(x[U(off + c)], cap), cap)
-                                g[U(off + c)] = R.grad(vals[j], k_p, R.coef(
-                                    c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep,
-                                    smooth), gf)
+                                    AX.load(x, rs + s, sv)
+                                if dist and soft:
+                                    AQ.load(q, rs + s, qv)
+                                for k in range(K):
+                                    c = s * K + k
+                                    gf = ONE
+                                    if cap > ZERO:
+                                        gf = R.grad_factor(R.capped(sv[k], cap), cap)
+                                    wq = ZERO
+                                    if dist:
+                                        wq = R.weight_of(qv[k] if soft else ZERO, w, c,
+                                                         weighted, keep, smooth)
+                                    sv[k] = R.grad_value(vals[j * K + k], k_p,
+                                                         R.coef_of(c, y, k_q, k_y, dist, wq), gf)
                             else:
-                                g[U(off + c)] = R.store(ZERO)
+                                for k in range(K):
+                                    sv[k] = ZERO
+                            AX.store(g, rs + s, sv)
             if total:
                 GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_warp
@@ -168,6 +201,8 @@ def ce_kernel(strategy, dt, qdt=None):
             buf_s = cuda.shared.array(32, acc)
             buf_t = cuda.shared.array(32, f64)
             flag = cuda.shared.array(1, types.int32)
+            sv = cuda.local.array(K, acc)
+            qv = cuda.local.array(K, acc)
             row_sum = f64(0.0)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
@@ -175,46 +210,61 @@ def ce_kernel(strategy, dt, qdt=None):
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
+            n_steps = n_cls // K
             for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
-                off = row * n_cls
+                rs = row * n_steps
                 if soft:
                     state, y = ACTIVE, i64(-1)
                 else:
                     state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
                 z_y = ZERO
                 if state == ACTIVE and not soft:
-                    z_y = R.logit(x[U(off + y)], cap)  # before the barriers that precede any write
+                    # before the barriers that precede any write
+                    z_y = R.capped(AX.elem(x, row * n_cls + y), cap)
                 m = NEG_INF
-                s = ZERO
+                se = ZERO
                 big_q = ZERO
                 qz = ZERO
                 if cached:
-                    for c in range(tid, n_cls, bd):
-                        z = R.logit(x[U(off + c)], cap)
-                        cache[U(c)] = z
-                        if z > m:
-                            m = z
+                    for s in range(tid, n_steps, bd):
+                        AX.load(x, rs + s, sv)
+                        for k in range(K):
+                            z = R.capped(sv[k], cap)
+                            cache[U(s * K + k)] = z
+                            if z > m:
+                                m = z
                     m = R.finite_max(RD.block_max(m, buf_m))
-                    for c in range(tid, n_cls, bd):
-                        z = cache[U(c)]
-                        e = math.exp(z - m)
-                        cache[U(c)] = e  # each thread only touches its own columns
-                        s += e
-                        if dist:
-                            wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
-                            big_q += wq
-                            qz += R.dist_term(wq, z, m)
-                    s = RD.block_sum(s, buf_s)
+                    for s in range(tid, n_steps, bd):
+                        if dist and soft:
+                            AQ.load(q, rs + s, qv)
+                        for k in range(K):
+                            c = s * K + k
+                            z = cache[U(c)]
+                            e = math.exp(z - m)
+                            if cap == ZERO:
+                                cache[U(c)] = e  # each thread only touches its own columns
+                            se += e
+                            if dist:
+                                wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted, keep,
+                                                 smooth)
+                                big_q += wq
+                                qz += R.dist_term(wq, z, m)
+                    se = RD.block_sum(se, buf_s)
                 else:
-                    for c in range(tid, n_cls, bd):
-                        z = R.logit(x[U(off + c)], cap)
-                        m_new, s = R.online(m, s, z)
-                        if dist:
-                            wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
-                            qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
-                            big_q += wq
-                        m = m_new
-                    m_blk, s = RD.block_merge(m, s, buf_m, buf_s)
+                    for s in range(tid, n_steps, bd):
+                        AX.load(x, rs + s, sv)
+                        if dist and soft:
+                            AQ.load(q, rs + s, qv)
+                        for k in range(K):
+                            z = R.capped(sv[k], cap)
+                            m_new, se = R.online(m, se, z)
+                            if dist:
+                                wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k,
+                                                 weighted, keep, smooth)
+                                qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
+                                big_q += wq
+                            m = m_new
+                    m_blk, se = RD.block_merge(m, se, buf_m, buf_s)
                     qz = R.rebase(qz, big_q, m, m_blk)  # every thread's qz relative to one max
                     m = R.finite_max(m_blk)
                 if dist:
@@ -222,7 +272,7 @@ def ce_kernel(strategy, dt, qdt=None):
                     qz = RD.block_sum(qz, buf_s)
                 t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
                                           go_scalar, row)
-                lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
+                lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if tid == 0:
                     if total:
@@ -230,22 +280,36 @@ def ce_kernel(strategy, dt, qdt=None):
                     else:
                         loss[U(row)] = lv
                 if write_grad:
-                    for c in range(tid, n_cls, bd):
+                    for s in range(tid, n_steps, bd):
                         if state == ACTIVE:
-                            if cached:
-                                e = cache[U(c)]
-                                gf = ONE
-                                if cap > ZERO:
-                                    gf = R.grad_factor(R.logit(x[U(off + c)], cap), cap)
-                            else:
-                                z = R.logit(x[U(off + c)], cap)
-                                e = math.exp(z - m)
-                                gf = R.grad_factor(z, cap)
-                            g[U(off + c)] = R.grad(e, k_p, R.coef(
-                                c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep, smooth),
-                                gf)
+                            if not cached:
+                                AX.load(x, rs + s, sv)
+                            if dist and soft:
+                                AQ.load(q, rs + s, qv)
+                            for k in range(K):
+                                c = s * K + k
+                                if cached:
+                                    if cap > ZERO:  # the capped logit stayed in the cache
+                                        z = cache[U(c)]
+                                        e = math.exp(z - m)
+                                        gf = R.grad_factor(z, cap)
+                                    else:
+                                        e = cache[U(c)]
+                                        gf = ONE
+                                else:
+                                    z = R.capped(sv[k], cap)
+                                    e = math.exp(z - m)
+                                    gf = R.grad_factor(z, cap)
+                                wq = ZERO
+                                if dist:
+                                    wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted,
+                                                     keep, smooth)
+                                sv[k] = R.grad_value(e, k_p, R.coef_of(c, y, k_q, k_y, dist, wq),
+                                                     gf)
                         else:
-                            g[U(off + c)] = R.store(ZERO)
+                            for k in range(K):
+                                sv[k] = ZERO
+                        AX.store(g, rs + s, sv)
             if total:
                 GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_block
@@ -255,31 +319,39 @@ def ce_kernel(strategy, dt, qdt=None):
                              cap, n_split):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
+            sv = cuda.local.array(K, acc)
+            qv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
-            length = (n_cls + n_split - 1) // n_split
+            n_steps = n_cls // K
+            length = (n_steps + n_split - 1) // n_split  # steps per chunk
             zy_base = n_rows * n_split * 4
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
                 lo = (b - row * n_split) * length
-                hi = min(n_cls, lo + length)
-                off = row * n_cls
+                hi = min(n_steps, lo + length)
+                rs = row * n_steps
                 m = NEG_INF
-                s = ZERO
+                se = ZERO
                 big_q = ZERO
                 qz = ZERO
-                for c in range(lo + tid, hi, bd):
-                    z = R.logit(x[U(off + c)], cap)
-                    m_new, s = R.online(m, s, z)
-                    if dist:
-                        wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
-                        qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
-                        big_q += wq
-                    m = m_new
-                m_blk, s = RD.block_merge(m, s, buf_m, buf_s)
+                for s in range(lo + tid, hi, bd):
+                    AX.load(x, rs + s, sv)
+                    if dist and soft:
+                        AQ.load(q, rs + s, qv)
+                    for k in range(K):
+                        z = R.capped(sv[k], cap)
+                        m_new, se = R.online(m, se, z)
+                        if dist:
+                            wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted,
+                                             keep, smooth)
+                            qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
+                            big_q += wq
+                        m = m_new
+                m_blk, se = RD.block_merge(m, se, buf_m, buf_s)
                 qz = R.rebase(qz, big_q, m, m_blk)
                 m = m_blk
                 if dist:
@@ -287,14 +359,14 @@ def ce_kernel(strategy, dt, qdt=None):
                     qz = RD.block_sum(qz, buf_s)
                 if tid == 0:
                     ws[U(b * 4)] = m
-                    ws[U(b * 4 + 1)] = s
+                    ws[U(b * 4 + 1)] = se
                     ws[U(b * 4 + 2)] = big_q
                     ws[U(b * 4 + 3)] = qz
                     if not soft:
                         state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
-                        if state == ACTIVE and lo <= y and y < hi:
+                        if state == ACTIVE and lo * K <= y and y < hi * K:
                             # saved here: in place, the finishing kernel overwrites x[y]
-                            ws[U(zy_base + row)] = R.logit(x[U(off + y)], cap)
+                            ws[U(zy_base + row)] = R.capped(AX.elem(x, row * n_cls + y), cap)
         return ce_split_partial
 
     if strategy == "split_finish":
@@ -303,6 +375,8 @@ def ce_kernel(strategy, dt, qdt=None):
                             zl, cap, go_scalar, inv_ce, inv_z, n_split):
             buf_t = cuda.shared.array(32, f64)
             flag = cuda.shared.array(1, types.int32)
+            sv = cuda.local.array(K, acc)
+            qv = cuda.local.array(K, acc)
             row_sum = f64(0.0)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
@@ -310,7 +384,8 @@ def ce_kernel(strategy, dt, qdt=None):
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
-            length = (n_cls + n_split - 1) // n_split
+            n_steps = n_cls // K
+            length = (n_steps + n_split - 1) // n_split
             zy_base = n_rows * n_split * 4
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
@@ -318,20 +393,20 @@ def ce_kernel(strategy, dt, qdt=None):
                 if chunk != 0 and not write_grad:
                     continue  # (no barrier in this loop: threads may leave it at any time)
                 m = NEG_INF
-                s = ZERO
+                se = ZERO
                 big_q = ZERO
                 qz = ZERO
                 base = row * n_split * 4
-                for k in range(n_split):  # a fixed order: every block gets the same bits
-                    m_k = ws[U(base + 4 * k)]
-                    q_k = ws[U(base + 4 * k + 2)]
-                    m_new, s = RD.merge(m, s, m_k, ws[U(base + 4 * k + 1)])
+                for kk in range(n_split):  # a fixed order: every block gets the same bits
+                    m_k = ws[U(base + 4 * kk)]
+                    q_k = ws[U(base + 4 * kk + 2)]
+                    m_new, se = RD.merge(m, se, m_k, ws[U(base + 4 * kk + 1)])
                     qz = (R.rebase(qz, big_q, m, m_new)
-                          + R.rebase(ws[U(base + 4 * k + 3)], q_k, m_k, m_new))
+                          + R.rebase(ws[U(base + 4 * kk + 3)], q_k, m_k, m_new))
                     big_q += q_k
                     m = m_new
                 m = R.finite_max(m)
-                off = row * n_cls
+                rs = row * n_steps
                 if soft:
                     state, y = ACTIVE, i64(-1)
                 else:
@@ -341,7 +416,7 @@ def ce_kernel(strategy, dt, qdt=None):
                     z_y = ws[U(zy_base + row)]
                 t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
                                           go_scalar, row)
-                lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
+                lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if chunk == 0 and tid == 0:
                     if total:
@@ -350,14 +425,25 @@ def ce_kernel(strategy, dt, qdt=None):
                         loss[U(row)] = lv
                 if write_grad:
                     lo = chunk * length
-                    for c in range(lo + tid, min(n_cls, lo + length), bd):
+                    for s in range(lo + tid, min(n_steps, lo + length), bd):
                         if state == ACTIVE:
-                            z = R.logit(x[U(off + c)], cap)
-                            g[U(off + c)] = R.grad(math.exp(z - m), k_p, R.coef(
-                                c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep, smooth),
-                                R.grad_factor(z, cap))
+                            AX.load(x, rs + s, sv)
+                            if dist and soft:
+                                AQ.load(q, rs + s, qv)
+                            for k in range(K):
+                                c = s * K + k
+                                z = R.capped(sv[k], cap)
+                                wq = ZERO
+                                if dist:
+                                    wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted,
+                                                     keep, smooth)
+                                sv[k] = R.grad_value(math.exp(z - m), k_p,
+                                                     R.coef_of(c, y, k_q, k_y, dist, wq),
+                                                     R.grad_factor(z, cap))
                         else:
-                            g[U(off + c)] = R.store(ZERO)
+                            for k in range(K):
+                                sv[k] = ZERO
+                        AX.store(g, rs + s, sv)
             if total:
                 GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_split_finish

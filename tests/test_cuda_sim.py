@@ -34,6 +34,14 @@ STRATEGY_CASES = {
     "split": ("split", 257),         # 4 chunks per row in the simulator
 }
 CASES = list(STRATEGY_CASES)
+# the same kernels' 128-bit variants: row lengths whose rows start on 16 bytes in every dtype
+ALIGNED_CASES = {
+    "warp_narrow": ("warp", 16),
+    "warp": ("warp", 96),
+    "block_cached": ("block_cached", 160),
+    "block": ("block", 208),
+    "split": ("split", 256),
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,11 +105,12 @@ def to_dev(a):
 
 def run_ce(logits, target, strategy, with_grad=True, **kw):
     dev = {k: to_dev(v) for k, v in kw.items()}
+    logits, target = to_dev(logits), to_dev(target)  # (device arrays pass as they are)
     with _cuda.force_strategy(strategy):
         if with_grad:
-            loss, grad = gpuce.cross_entropy_with_grad(KIND.to(logits), KIND.to(target), **dev)
+            loss, grad = gpuce.cross_entropy_with_grad(logits, target, **dev)
             return KIND.back(loss), KIND.back(grad)
-        return KIND.back(gpuce.cross_entropy(KIND.to(logits), KIND.to(target), **dev)), None
+        return KIND.back(gpuce.cross_entropy(logits, target, **dev)), None
 
 
 def make_logits(rng, shape, dt, scale=3.0):
@@ -188,6 +197,57 @@ def test_cross_entropy_dtypes(case, dt):
     ref_loss, ref_grad = ref_cross_entropy(x, q, reduction="none", label_smoothing=0.05)
     check_loss(loss, ref_loss, dt, "soft loss")
     check_array(grad, ref_grad, dt, "soft grad")
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("case", list(ALIGNED_CASES))
+def test_vectorized_variants(case, dt, monkeypatch):
+    """Rows that start on 16 bytes take the 128-bit kernels (int32 views, 4/8/2 values per
+    access); the same rows one element off their alignment (an offset view) take the scalar
+    ones. Both against the reference: loss, gradient in place and not, softmax family."""
+    strategy, n_cls = ALIGNED_CASES[case]
+    launched = []
+    real = _cuda._launch
+
+    def recording(name, *args):
+        launched.append(name)
+        return real(name, *args)
+    monkeypatch.setattr(_cuda, "_launch", recording)
+    rng = np.random.default_rng(abs(hash((case, dt, "vec"))) % 2**32)
+    opt = dict(OPTIONS["all_hard_mean"])
+    x, t, kw = build_case(rng, 3, n_cls, dt, opt)
+    ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
+    q = soft_targets(rng, x.shape, dt)
+    ref_sloss, ref_sgrad = ref_cross_entropy(x, q, reduction="none", label_smoothing=0.05)
+    for aligned in (True, False):
+        if aligned:
+            xd = KIND.to(x)
+        else:  # one element in: every row starts 2, 4 or 8 bytes off 16
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+            flat = KIND.to(np.concatenate([x.ravel()[:1], x.ravel()]))._ary
+            xd = FakeCUDAArray(flat[1:].reshape(x.shape))
+            assert xd.is_c_contiguous() and xd.__array_interface__["data"][0] % 16
+        launched.clear()
+        loss, grad = run_ce(xd, t, strategy, **kw)
+        vec = [n for n in launched if n.startswith("ce_") and n != "ce_target_stats"]
+        assert vec and all(n.endswith("_vec") == aligned for n in vec), launched
+        check_loss(loss, ref_loss, dt, f"loss aligned={aligned}")
+        check_array(grad, ref_grad, dt, f"grad aligned={aligned}")
+        loss, grad = run_ce(xd, q, strategy, reduction="none", label_smoothing=0.05)
+        check_loss(loss, ref_sloss, dt, f"soft loss aligned={aligned}")
+        check_array(grad, ref_sgrad, dt, f"soft grad aligned={aligned}")
+        with _cuda.force_strategy(strategy):
+            launched.clear()
+            sm = KIND.back(gpuce.softmax(xd))
+            assert all(n.endswith("_vec") == aligned for n in launched), launched
+            lse = KIND.back(gpuce.logsumexp(xd))
+            xi = KIND.to(x)
+            gpuce.log_softmax(xi, out=xi)  # in place
+        check_array(sm, ref_softmax(x), dt, f"softmax aligned={aligned}")
+        check_loss(lse, ref_logsumexp(x), dt, f"logsumexp aligned={aligned}")
+        check_array(KIND.back(xi), ref_log_softmax(x), dt, "log_softmax in place")
+    loss, grad = run_ce(KIND.to(x), t, strategy, inplace=True, **kw)
+    check_array(grad, ref_grad, dt, "grad in place")
 
 
 @pytest.mark.parametrize("dt", ["bfloat16", "float16"])
