@@ -664,7 +664,8 @@ def feasible_edges(blocks, words, clobbers=None):
 
 # ---- which array an access touches -----------------------------------------------------------
 
-ROW_ARRAYS = ("x", "g", "out", "grad", "logits")   # kernel arguments holding rows of N x C
+ROW_INPUTS = ("x", "logits")            # kernel arguments the rows are read from
+ROW_OUTPUTS = ("g", "out", "grad")      # ... and written to
 _ADDR = re.compile(r"\[(U?R\d+)(?:\.64|\.U32|\.X4|\.X8)*(?:\s*\+[^\]]*)?\]")
 _OPERAND_REGS = re.compile(r"\b(U?R\d+)\b")
 _CONST_OFF = re.compile(r"c\[0x0\]\[(0x[0-9a-f]+)\]")
@@ -954,6 +955,8 @@ def compile_kernel(name, key):
     c = _COMPILED.get((name, key))
     if c is None:
         c = _COMPILED[(name, key)] = _compile(name, key)
+    if isinstance(c, str):
+        raise RuntimeError(f"{name} ({key}) did not compile: {c}")
     return c
 
 
@@ -1027,12 +1030,18 @@ def model_kernel(compiled, values, isz, smem_isz, threads_per_row, elems_per_row
     loops, reach, back = find_loops(blocks, feas)
     backs = set(back)
     pointers = {off: name for name, (off, t) in compiled.params.items() if t == "array"}
-    rows = {n for n in pointers.values() if n in ROW_ARRAYS} or set(list(pointers.values())[:2])
+    names = list(pointers.values())
+    row_in = {n for n in names if n in ROW_INPUTS} or set(names[:1])
+    row_out = {n for n in names if n in ROW_OUTPUTS} or set(names[1:2])
     touched = access_arrays(blocks, feas, pointers, clobbers)
 
     def is_row(ins):
+        """a load from the logits or a store to the row output (an address whose origin is
+        not followed counts as one)"""
         arrays = touched.get(ins.addr)
-        return not arrays or bool(arrays & rows)
+        if not arrays:
+            return True
+        return bool(arrays & (row_in if mem_kind(ins) == "ld.global" else row_out))
 
     def touches_row(L):
         return any(mem_kind(ins) and (mem_kind(ins).endswith("shared") or is_row(ins))
@@ -1060,9 +1069,34 @@ def model_kernel(compiled, values, isz, smem_isz, threads_per_row, elems_per_row
 
     share = threads_per_row / elems_per_row  # per-row work of each thread, per element
 
+    # A phase (one sweep over the row) can be several loops: an unrolled main loop and its
+    # remainder loop, or a 128-bit loop and a scalar tail. Loops touching the same kinds of
+    # memory form one phase; the one covering the most elements per trip is its main loop,
+    # and the others cover at most (its elements per trip - 1) elements per thread (the
+    # remainder of an unrolled loop: every thread) or per row (a narrower tail: one warp).
+    def kinds(L):
+        return frozenset(k for k, v in (("ldg", L.ldg_bytes), ("stg", L.stg_bytes),
+                                        ("lds", L.lds_bytes), ("sts", L.sts_bytes)) if v)
+
+    main_of = {}
+    for L in streaming.values():
+        group = [M for M in streaming.values() if kinds(M) == kinds(L)]
+        main_of[L.header] = max(group, key=lambda M: (elems(M), -M.header))
+
+    def is_main(L):
+        return main_of[L.header] is L
+
+    def remainder_weight(L):
+        M = main_of[L.header]
+        trips = max(0.0, elems(M) / elems(L) - 1)
+        same_width = set(L.widths) == set(M.widths)
+        threads = threads_per_row if same_width else min(THREADS_PER_WARP, threads_per_row)
+        return L.trip_instrs * trips * threads / elems_per_row
+
     def weight(k):
         if k in streaming:
-            return streaming[k].trip_instrs / elems(streaming[k])
+            L = streaming[k]
+            return L.trip_instrs / elems(L) if is_main(L) else remainder_weight(L)
         if k in per_row_loops:  # trips unknown statically: counted once per row and thread
             return per_row_loops[k].trip_instrs * share
         if k in in_inner:
@@ -1074,7 +1108,7 @@ def model_kernel(compiled, values, isz, smem_isz, threads_per_row, elems_per_row
     total, path = _longest(blocks, feas, backs, 0, set(), weight)
     on_path = [streaming[k] for k in path if k in streaming]
     loop_part = sum(weight(L.header) for L in on_path)
-    phases = list(on_path)
+    phases = [L for L in on_path if is_main(L)]
     # a row loop with everything unrolled (warp kernels) is itself the streaming phase
     for L in row_loops:
         if L.header in path and not any(L.header <= M.header <= L.latch for M in inner):
@@ -1263,6 +1297,10 @@ def table(rows):
     for r in rows:
         t = "-" if r["threshold"] is None else _pct(r["threshold"])
         ok = "" if r["pass"] is None else ("pass" if r["pass"] else "**FAIL**")
+        if "error" in r:
+            lines.append(f"| {r['n_cls']} | {r['n_rows']} | ERROR: {r['error']} |" + " |" * 14
+                         + f" {t} | **FAIL** |")
+            continue
         lines.append(
             f"| {r['n_cls']} | {r['n_rows']} | {r['strategy']}{' (v)' if r['vectorized'] else ''}"
             f" | {'/'.join(map(str, r['registers']))} | {'/'.join(map(str, r['blocks_per_sm']))}"
@@ -1295,19 +1333,43 @@ def render(rows, meta):
            "the global access widths in the streaming loops (SASS, per trip), the PTX vector or "
            ".nc global forms anywhere in the kernels, the three ceilings, the model (their "
            "minimum) and the issue's target.", ""]
+    sections = []
     summary = collections.Counter()
     for op in OPS:
         for dt in meta["dtypes"]:
             sel = [r for r in rows if r["op"] == op and r["dtype"] == dt]
             if not sel:
                 continue
-            out += [f"## {OP_TITLES[op]}, {SHORT[dt]}", "", table(sel), ""]
-            for r in sel:
-                if r["pass"] is not None:
-                    summary["pass" if r["pass"] else "fail"] += 1
-    out.insert(8, f"Against the issue's thresholds: {summary['pass']} cases pass, "
-                  f"{summary['fail']} fail (model, not measured).\n")
+            judged = [r for r in sel if r["pass"] is not None]
+            passed = sum(1 for r in judged if r["pass"])
+            summary["pass"] += passed
+            summary["fail"] += len(judged) - passed
+            sections += [f"## {OP_TITLES[op]}, {SHORT[dt]}", "",
+                         f"{passed} of {len(judged)} cases with a target reach it.", "",
+                         table(sel), ""]
+    out += [f"**Against the issue's thresholds: {summary['pass']} cases pass, "
+            f"{summary['fail']} fail** (a model, not measured).", ""]
+    out += sections + inventory(rows)
     return "\n".join(out) + "\n"
+
+
+def inventory(rows):
+    """One line per kernel the cases use: resources and every global access in its code."""
+    seen = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        for i, name in enumerate(r["kernels"]):
+            seen.setdefault((name, r["key"]), (r["registers"][i], r["spills"][i],
+                                               r["sass_global"][name], r["ptx_global"][name]))
+    lines = ["## Kernels", "",
+             "Every global load and store in each kernel's code (not only its streaming loops).",
+             "", "| kernel | key | registers | spill bytes | SASS global accesses | PTX global "
+             "accesses |", "|---|---|---:|---:|---|---|"]
+    for (name, key), (regs, spills, sass, ptx) in sorted(seen.items()):
+        fmt = lambda d: " ".join(f"{k}x{v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
+        lines.append(f"| {name} | {key} | {regs} | {spills} | {fmt(sass)} | {fmt(ptx)} |")
+    return lines + [""]
 
 
 def kernels_commit():
@@ -1340,7 +1402,10 @@ def _needed_kernels(ops, dtypes, shapes, limits):
 
 
 def _compile_job(job):
-    return _compile(*job)
+    try:
+        return _compile(*job)
+    except Exception as exc:  # reported in the rows that need this kernel
+        return f"{type(exc).__name__}: {exc}"
 
 
 def precompile(jobs_list, jobs):
@@ -1354,7 +1419,7 @@ def precompile(jobs_list, jobs):
                 _COMPILED[j] = c
     else:
         for j in todo:
-            compile_kernel(*j)
+            _COMPILED[j] = _compile_job(j)
 
 
 def main(argv=None):
@@ -1389,7 +1454,12 @@ def main(argv=None):
     for op in ops:
         for dt in dtypes:
             for n, c in shapes:
-                rows.append(model_case(op, dt, n, c, device, limits))
+                try:
+                    rows.append(model_case(op, dt, n, c, device, limits))
+                except Exception as exc:  # one broken kernel must not hide the rest
+                    rows.append({"op": op, "dtype": dt, "n_rows": n, "n_cls": c,
+                                 "error": f"{type(exc).__name__}: {exc}"[:300],
+                                 "threshold": threshold(op, c), "pass": False})
     wall = time.time() - t0
     compiled = len(_COMPILED)
     meta = {"device": device.name, "kernels": args.label or kernels_commit(), "date":
@@ -1412,7 +1482,7 @@ def main(argv=None):
 
 
 def _compile_seconds():
-    return sum(c.compile_s for c in _COMPILED.values())
+    return sum(c.compile_s for c in _COMPILED.values() if not isinstance(c, str))
 
 
 if __name__ == "__main__":
