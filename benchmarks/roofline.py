@@ -355,9 +355,10 @@ class ConstProp:
     ISETP/FSETP (with .EX chains for 64-bit); anything else makes what it writes unknown.
     A call makes what the callee writes unknown (``clobbers``)."""
 
-    def __init__(self, words, clobbers=None):
+    def __init__(self, words, clobbers=None, specials=None):
         self.words = words
         self.clobbers = clobbers or {}
+        self.specials = specials or {}   # e.g. {"SR_TID.X": 96}: model one thread
 
     # -- operands --
     def operand(self, env, a):
@@ -473,6 +474,9 @@ class ConstProp:
 
     def _eval(self, env, ins):
         b, a = ins.base, [x.replace(".reuse", "") for x in ins.args]
+        if b == "S2R" and len(a) == 2 and a[1] in self.specials:
+            r = _REG.match(a[0])
+            return {r.group(3): (self.specials[a[1]], FULL)} if r else None
         if b in ("LDC", "ULDC") and len(a) == 2:
             m, r = _CONST.match(a[1]), _REG.match(a[0])
             if not (m and r):
@@ -639,9 +643,10 @@ def clobber_sets(funcs):
     return out
 
 
-def feasible_edges(blocks, words, clobbers=None):
-    """SCCP-style: the edges that can run when the parameters in ``words`` hold."""
-    cp = ConstProp(words, clobbers)
+def feasible_edges(blocks, words, clobbers=None, specials=None):
+    """SCCP-style: the edges that can run when the parameters in ``words`` hold (and the
+    special registers in ``specials``, e.g. the thread index)."""
+    cp = ConstProp(words, clobbers, specials)
     env_in = {0: {}}
     feasible = set()
     work = [0]
@@ -1017,16 +1022,38 @@ class KernelModel:
     ptx_widths: collections.Counter
 
 
+MODEL_THREADS = (96, 0)   # lane 0 of warp 3 (every warp but the first), and thread 0
+
+
 def model_kernel(compiled, values, isz, smem_isz, threads_per_row, elems_per_row):
     """Walk the SASS of one kernel for one case (see the module docstring).
 
     ``threads_per_row``: threads sharing one row (the block; the lanes of a warp kernel);
-    ``elems_per_row``: the elements those threads cover (C, or a split chunk)."""
+    ``elems_per_row``: the elements those threads cover (C, or a split chunk).
+
+    Branches on the thread index are resolved too: a block kernel is walked for thread 96
+    (lane 0 of warp 3: what every warp but the first issues, including lane-0 work) and for
+    thread 0 (the first warp, which also does the block's single-thread and single-warp
+    work), weighted by the threads they stand for. A warp kernel is walked for thread 0."""
+    if threads_per_row <= THREADS_PER_WARP:
+        return _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_row, 0)
+    most = _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_row,
+                         MODEL_THREADS[0])
+    first = _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_row,
+                          MODEL_THREADS[1])
+    w = THREADS_PER_WARP / threads_per_row
+    return dataclasses.replace(
+        most, instr_per_elem=(1 - w) * most.instr_per_elem + w * first.instr_per_elem,
+        loop_instr_per_elem=(1 - w) * most.loop_instr_per_elem + w * first.loop_instr_per_elem)
+
+
+def _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_row, tid):
     funcs = parse_sass(compiled.sass)
     instrs, labels = main_function(compiled.sass, funcs)
     blocks = build_blocks(instrs, labels)
     clobbers = clobber_sets(funcs)
-    feas = feasible_edges(blocks, param_words(compiled, values), clobbers)
+    feas = feasible_edges(blocks, param_words(compiled, values), clobbers,
+                          {"SR_TID.X": tid, "SR_LANEID": tid % THREADS_PER_WARP})
     loops, reach, back = find_loops(blocks, feas)
     backs = set(back)
     pointers = {off: name for name, (off, t) in compiled.params.items() if t == "array"}

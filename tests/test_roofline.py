@@ -247,3 +247,23 @@ def test_model_on_a_real_kernel_sees_the_softcap():
         want_us = row["useful_bytes"] / (row["ceiling"] * dev.bandwidth) * 1e6
         assert row["predicted_us"] == pytest.approx(want_us, rel=1e-3)
         assert row["streaming_loops"] and row["inflight_bytes_per_sm"] > 0
+
+
+def test_thread_index_branches_resolve_per_modelled_thread():
+    sass = """
+.text.k:
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   SHF.R.S32.HI R1, RZ, 0x1f, R0 ;
+        /*0020*/                   ISETP.NE.AND P0, PT, R0, RZ, PT ;
+        /*0030*/               @P0 BRA `(.L_x_9) ;
+        /*0040*/                   STG.E desc[UR4][R2.64], R5 ;
+.L_x_9:
+        /*0050*/                   EXIT ;
+"""
+    instrs, labels = R.parse_sass(sass)["k"]
+    blocks = R.build_blocks(instrs, labels)
+    store = next(b.idx for b in blocks if b.addr == 0x40)
+    reached = {t: {s for _, s in R.feasible_edges(blocks, {}, None, {"SR_TID.X": t})}
+               for t in (0, 96)}
+    assert store in reached[0] and store not in reached[96]
+    assert store in {s for _, s in R.feasible_edges(blocks, {})}  # thread unknown: both
