@@ -1025,29 +1025,32 @@ class KernelModel:
 MODEL_THREADS = (96, 0)   # lane 0 of warp 3 (every warp but the first), and thread 0
 
 
-def model_kernel(compiled, values, isz, smem_isz, threads_per_row, elems_per_row):
+def model_kernel(compiled, values, isz, smem_isz, threads_per_row, elems_per_row,
+                 other_trips=1):
     """Walk the SASS of one kernel for one case (see the module docstring).
 
     ``threads_per_row``: threads sharing one row (the block; the lanes of a warp kernel);
-    ``elems_per_row``: the elements those threads cover (C, or a split chunk).
+    ``elems_per_row``: the elements those threads cover (C, or a split chunk);
+    ``other_trips``: trips per row of an inner loop that touches no row element (the merge
+    over a split row's n_split partials).
 
     Branches on the thread index are resolved too: a block kernel is walked for thread 96
     (lane 0 of warp 3: what every warp but the first issues, including lane-0 work) and for
     thread 0 (the first warp, which also does the block's single-thread and single-warp
     work), weighted by the threads they stand for. A warp kernel is walked for thread 0."""
+    args = (compiled, values, isz, smem_isz, threads_per_row, elems_per_row, other_trips)
     if threads_per_row <= THREADS_PER_WARP:
-        return _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_row, 0)
-    most = _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_row,
-                         MODEL_THREADS[0])
-    first = _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_row,
-                          MODEL_THREADS[1])
+        return _model_thread(*args, 0)
+    most = _model_thread(*args, MODEL_THREADS[0])
+    first = _model_thread(*args, MODEL_THREADS[1])
     w = THREADS_PER_WARP / threads_per_row
     return dataclasses.replace(
         most, instr_per_elem=(1 - w) * most.instr_per_elem + w * first.instr_per_elem,
         loop_instr_per_elem=(1 - w) * most.loop_instr_per_elem + w * first.loop_instr_per_elem)
 
 
-def _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_row, tid):
+def _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_row, other_trips,
+                  tid):
     funcs = parse_sass(compiled.sass)
     instrs, labels = main_function(compiled.sass, funcs)
     blocks = build_blocks(instrs, labels)
@@ -1124,8 +1127,8 @@ def _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_ro
         if k in streaming:
             L = streaming[k]
             return L.trip_instrs / elems(L) if is_main(L) else remainder_weight(L)
-        if k in per_row_loops:  # trips unknown statically: counted once per row and thread
-            return per_row_loops[k].trip_instrs * share
+        if k in per_row_loops:  # e.g. merging a split row's partials: other_trips per row
+            return per_row_loops[k].trip_instrs * other_trips * share
         if k in in_inner:
             return 0.0
         if k in in_row:
@@ -1227,7 +1230,7 @@ def model_case(op, dt, n_rows, n_cls, device, limits):
     models, occ, inflight_sm = [], [], []
     for name in kernels:
         comp = compile_kernel(name, plan.key)
-        km = model_kernel(comp, values, isz, smem_isz, tpr, chunk)
+        km = model_kernel(comp, values, isz, smem_isz, tpr, chunk, max(1, plan.n_split))
         models.append(km)
         b = blocks_per_sm(plan.block, km.registers, km.static_smem, plan.shared_bytes,
                           device.shared_per_sm)

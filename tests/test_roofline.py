@@ -267,3 +267,22 @@ def test_thread_index_branches_resolve_per_modelled_thread():
                for t in (0, 96)}
     assert store in reached[0] and store not in reached[96]
     assert store in {s for _, s in R.feasible_edges(blocks, {})}  # thread unknown: both
+
+
+def test_main_writes_json_and_markdown(tmp_path, capsys):
+    """The command line: one case, JSON with the predicted time, markdown that calls itself
+    a model."""
+    _needs_tools()
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    assert R.main(["--ops", "ce", "--dtypes", "float32", "--shapes", "16384x128", "--jobs", "1",
+                   "--json", str(js), "--markdown", str(md)]) == 0
+    import json
+    data = json.loads(js.read_text())
+    (case,) = data["cases"]
+    assert (case["op"], case["dtype"], case["n_rows"], case["n_cls"]) == ("ce", "float32",
+                                                                         16384, 128)
+    assert case["predicted_us"] > 0 and case["threshold"] == 0.75
+    assert case["pass"] == (case["ceiling"] >= 0.75)
+    text = md.read_text()
+    assert "not a measurement" in text and "| 128 | 16384 |" in text
+    assert text in capsys.readouterr().out
