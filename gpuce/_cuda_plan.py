@@ -11,8 +11,12 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 | warp_narrow  | C <= 32 (float64: 16)                  | 256 (4 lanes a row) | 0              |
 | warp         | C <= 512 (float64: 256)                | 256 (a warp a row)  | 0              |
 | split        | rows < SMs and C >= 16384              | pow2(C/8) in 128..512 | 0            |
-| block_cached | the row (accumulator dtype) fits in the opt-in shared memory | as split | C x acc bytes |
+| block_cached | the row (storage dtype) fits in the opt-in shared memory | as split | C x item bytes |
 | block        | any C                                  | as split            | 0              |
+
+Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; softmax block kernels
+(512 threads, 2 blocks per SM: <= 64 registers, no spills); cross-entropy block kernels 512
+threads (80-96 registers: one 512-thread block per SM; a 2-block bound spills).
 
 Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4 fp32, 8
 fp16/bf16 or 2 fp64 values), taken when every row of the logits, gradient/output and soft
@@ -42,7 +46,6 @@ WARP_SHAPES = {
     "warp_narrow": (4, 8),   # C <= 32: eight rows per warp, enough bytes in flight
 }
 
-_ACC_BYTES = {"float16": 4, "bfloat16": 4, "float32": 4, "float64": 8}
 _ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 
@@ -89,6 +92,7 @@ class LaunchPlan:
     vectorized: bool = False   # the 128-bit (16-byte aligned rows) variant
     kernels: tuple = field(default=())  # every kernel name launched, in order
     launch_bound: int = MAX_BLOCK       # max threads per block compiled into the kernel
+    min_blocks: int = 1    # resident blocks per SM the launch bound asks of the compiler
 
 
 def warp_capacity(part, dt):
@@ -118,8 +122,9 @@ def auto_strategy(n_rows, n_cls, dt, device):
 
 
 def cached_bytes(n_cls, dt):
-    """Dynamic shared memory of block_cached: the row in the accumulator dtype."""
-    return n_cls * _ACC_BYTES[dt]
+    """Dynamic shared memory of block_cached: the row as stored (half rows stay 2 bytes a
+    value, so rows up to ~110k fit in an H100's 227 KiB)."""
+    return n_cls * _ITEM_BYTES[dt]
 
 
 def block_threads(n_cls, device):
@@ -183,7 +188,7 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
             name = f"{family}_block_cached"
             return LaunchPlan(family, strategy, strategy, name, key,
                               max(1, min(n_rows, device.max_grid)), block, shared,
-                              kernels=(name,))
+                              kernels=(name,), min_blocks=_min_blocks(family))
     if strategy == "split":
         if device.simulated:
             n_split = int(min(4, max(2, -(-n_cls // 64))))
@@ -193,10 +198,15 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
         names = (f"{family}_split_partial", f"{family}_split_finish")
         return LaunchPlan(family, "split", "split", names[0], key,
                           max(1, min(n_rows * n_split, device.max_grid)), block, 0,
-                          n_split=n_split, kernels=names)
+                          n_split=n_split, kernels=names, min_blocks=_min_blocks(family))
     name = f"{family}_block"
     return LaunchPlan(family, "block", "block", name, key, max(1, min(n_rows, device.max_grid)),
-                      block, 0, kernels=(name,))
+                      block, 0, kernels=(name,), min_blocks=_min_blocks(family))
+
+
+def _min_blocks(family):
+    """kernels/cuda_registry.py's launch bound: softmax block kernels fit 2 x 512 threads."""
+    return 2 if family == "softmax" else 1
 
 
 def resident_blocks(plan, device, registers_per_thread=None):

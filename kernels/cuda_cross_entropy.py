@@ -192,17 +192,24 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
+        # half rows are cached as stored (2 bytes a value, twice the row that fits), and
+        # widened again in each pass; float32/float64 rows as values, then exp(z - m)
+        RAWC = cached and dt in ("float16", "bfloat16")
+        RAW = AX.RAW if RAWC else acc
+        NW = AX.NW if RAWC else 1
 
         def ce_block(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
                      soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
                      inv_ce, inv_z, unused):
-            cache = cuda.shared.array(0, acc)  # n_cls accumulators when cached
+            cache = cuda.shared.array(0, acc)  # the row's values when cached (not RAWC)
+            cache_r = cuda.shared.array(0, RAW)  # the row as stored (RAWC)
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
             buf_t = cuda.shared.array(32, f64)
             flag = cuda.shared.array(1, types.int32)
             sv = cuda.local.array(K, acc)
             qv = cuda.local.array(K, acc)
+            rv = cuda.local.array(NW, RAW)
             row_sum = f64(0.0)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
@@ -227,21 +234,35 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                 qz = ZERO
                 if cached:
                     for s in range(tid, n_steps, bd):
-                        AX.load(x, rs + s, sv)
+                        if RAWC:
+                            AX.raw(x, rs + s, rv)
+                            for j in range(NW):
+                                cache_r[U(s * NW + j)] = rv[j]
+                            AX.unpack_raw(rv, sv)
+                        else:
+                            AX.load(x, rs + s, sv)
                         for k in range(K):
                             z = R.capped(sv[k], cap)
-                            cache[U(s * K + k)] = z
+                            if not RAWC:
+                                cache[U(s * K + k)] = z
                             if z > m:
                                 m = z
                     m = R.finite_max(RD.block_max(m, buf_m))
                     for s in range(tid, n_steps, bd):
                         if dist and soft:
                             AQ.load(q, rs + s, qv)
+                        if RAWC:
+                            for j in range(NW):
+                                rv[j] = cache_r[U(s * NW + j)]
+                            AX.unpack_raw(rv, sv)
                         for k in range(K):
                             c = s * K + k
-                            z = cache[U(c)]
+                            if RAWC:
+                                z = R.capped(sv[k], cap)
+                            else:
+                                z = cache[U(c)]
                             e = math.exp(z - m)
-                            if cap == ZERO:
+                            if not RAWC and cap == ZERO:
                                 cache[U(c)] = e  # each thread only touches its own columns
                             se += e
                             if dist:
@@ -284,11 +305,19 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                         if state == ACTIVE:
                             if not cached:
                                 AX.load(x, rs + s, sv)
+                            elif RAWC:
+                                for j in range(NW):
+                                    rv[j] = cache_r[U(s * NW + j)]
+                                AX.unpack_raw(rv, sv)
                             if dist and soft:
                                 AQ.load(q, rs + s, qv)
                             for k in range(K):
                                 c = s * K + k
-                                if cached:
+                                if RAWC:
+                                    z = R.capped(sv[k], cap)
+                                    e = math.exp(z - m)
+                                    gf = R.grad_factor(z, cap)
+                                elif cached:
                                     if cap > ZERO:  # the capped logit stayed in the cache
                                         z = cache[U(c)]
                                         e = math.exp(z - m)

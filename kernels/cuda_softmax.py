@@ -112,12 +112,17 @@ def softmax_kernel(strategy, dt, vec=False):
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
+        RAWC = cached and dt in ("float16", "bfloat16")  # half rows cached as stored
+        RAW = AX.RAW if RAWC else acc
+        NW = AX.NW if RAWC else 1
 
         def softmax_block(x, out, lse, n_rows, n_cls, mode, unused):
             cache = cuda.shared.array(0, acc)
+            cache_r = cuda.shared.array(0, RAW)
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
             sv = cuda.local.array(K, acc)
+            rv = cuda.local.array(NW, RAW)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
             n_steps = n_cls // K
@@ -127,19 +132,30 @@ def softmax_kernel(strategy, dt, vec=False):
                 se = ZERO
                 if cached:
                     for s in range(tid, n_steps, bd):
-                        AX.load(x, rs + s, sv)
+                        if RAWC:
+                            AX.raw(x, rs + s, rv)
+                            for j in range(NW):
+                                cache_r[U(s * NW + j)] = rv[j]
+                            AX.unpack_raw(rv, sv)
+                        else:
+                            AX.load(x, rs + s, sv)
                         for k in range(K):
                             z = sv[k]
-                            cache[U(s * K + k)] = z
+                            if not RAWC:
+                                cache[U(s * K + k)] = z
                             if z > m:
                                 m = z
                     m = R.finite_max(RD.block_max(m, buf_m))
                     for s in range(tid, n_steps, bd):
+                        if RAWC:
+                            for j in range(NW):
+                                rv[j] = cache_r[U(s * NW + j)]
+                            AX.unpack_raw(rv, sv)
                         for k in range(K):
                             c = s * K + k
-                            e = math.exp(cache[U(c)] - m)
+                            e = math.exp((sv[k] if RAWC else cache[U(c)]) - m)
                             se += e
-                            if mode == SOFTMAX:
+                            if mode == SOFTMAX and not RAWC:
                                 cache[U(c)] = e  # each thread only touches its own columns
                     se = RD.block_sum(se, buf_s)
                 else:
@@ -155,7 +171,13 @@ def softmax_kernel(strategy, dt, vec=False):
                         lse[U(row)] = m + log_s
                     continue
                 for s in range(tid, n_steps, bd):
-                    if cached:
+                    if RAWC:
+                        for j in range(NW):
+                            rv[j] = cache_r[U(s * NW + j)]
+                        AX.unpack_raw(rv, sv)
+                        for k in range(K):
+                            sv[k] = result(sv[k], m, inv, log_s, mode, False)
+                    elif cached:
                         for k in range(K):
                             sv[k] = result(cache[U(s * K + k)], m, inv, log_s, mode, True)
                     else:

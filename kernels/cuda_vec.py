@@ -211,7 +211,15 @@ def access(dt, K):
         @device
         def elem(a, e):
             return load1(a[U(e)])
-        return _ns(K, load, store, elem)
+
+        @device
+        def raw(a, i, r):
+            r[0] = a[U(i)]
+
+        @device
+        def unpack_raw(r, vals):
+            vals[0] = load1(r[0])
+        return _ns(K, load, store, elem, T.storage, 1, raw, unpack_raw)
 
     E = step_elems(dt)
     if K % E:
@@ -261,7 +269,7 @@ def access(dt, K):
         @device
         def elem(a, e):
             return f64_of(a[U(2 * e)], a[U(2 * e + 1)])
-        return _ns(K, load, store, elem)
+        return _ns(K, load, store, elem)  # (float64 rows are not cached raw)
 
     @device
     def load(a, i, vals):
@@ -291,10 +299,28 @@ def access(dt, K):
             if e & 1:
                 return hi_of(w)
             return lo_of(w)
-    return _ns(K, load, store, elem)
+
+    @device
+    def raw(a, i, r):
+        base = i * WORDS
+        for n in range(N4):
+            w0, w1, w2, w3 = ld4(a, U(base + 4 * n))
+            r[4 * n] = w0
+            r[4 * n + 1] = w1
+            r[4 * n + 2] = w2
+            r[4 * n + 3] = w3
+
+    @device
+    def unpack_raw(r, vals):
+        for j in range(WORDS):
+            unpack(r[j], j, vals)
+    return _ns(K, load, store, elem, types.int32, WORDS, raw, unpack_raw)
 
 
-def _ns(K, load, store, elem):
-    """load/store: one step of K values; elem(a, e): element e alone (e.g. the target)."""
+def _ns(K, load, store, elem, raw_type=None, n_raw=0, raw=None, unpack_raw=None):
+    """load/store: one step of K values; elem(a, e): element e alone (e.g. the target);
+    raw(a, i, r) / unpack_raw(r, vals): one step as its n_raw stored words of raw_type (for
+    a shared-memory row cache in the storage dtype) and their values."""
     from .cuda_dtypes import namespace
-    return namespace(K=K, load=load, store=store, elem=elem)
+    return namespace(K=K, load=load, store=store, elem=elem, RAW=raw_type, NW=n_raw, raw=raw,
+                     unpack_raw=unpack_raw)
