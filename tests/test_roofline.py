@@ -286,3 +286,56 @@ def test_main_writes_json_and_markdown(tmp_path, capsys):
     text = md.read_text()
     assert "not a measurement" in text and "| 128 | 16384 |" in text
     assert text in capsys.readouterr().out
+
+
+# A block kernel in miniature: a grid-stride row loop holding a 128-bit main loop (x -> g,
+# 4 fp32 per trip) and a scalar tail loop over the same kinds of memory.
+ROW_SASS = """
+.text.rows:
+        /*0000*/                   LDC.64 R2, c[0x0][0x210] ;
+        /*0010*/                   LDC.64 R4, c[0x0][0x250] ;
+        /*0020*/                   S2R R0, SR_TID.X ;
+        /*0030*/                   MOV R6, RZ ;
+.L_x_0:
+        /*0040*/                   IMAD.WIDE R8, R0, 0x10, R2 ;
+        /*0050*/                   IMAD.WIDE R10, R0, 0x10, R4 ;
+        /*0060*/                   MOV R7, RZ ;
+.L_x_1:
+        /*0070*/                   LDG.E.128 R12, desc[UR4][R8.64] ;
+        /*0080*/                   FADD R12, R12, R13 ;
+        /*0090*/                   STG.E.128 desc[UR4][R10.64], R12 ;
+        /*00a0*/                   IADD3 R7, R7, 0x1, RZ ;
+        /*00b0*/                   ISETP.GE.AND P0, PT, R7, R20, PT ;
+        /*00c0*/              @!P0 BRA `(.L_x_1) ;
+        /*00d0*/                   MOV R7, RZ ;
+.L_x_2:
+        /*00e0*/                   LDG.E R12, desc[UR4][R8.64] ;
+        /*00f0*/                   FADD R12, R12, R12 ;
+        /*0100*/                   STG.E desc[UR4][R10.64], R12 ;
+        /*0110*/                   IADD3 R7, R7, 0x1, RZ ;
+        /*0120*/                   ISETP.GE.AND P1, PT, R7, R21, PT ;
+        /*0130*/              @!P1 BRA `(.L_x_2) ;
+        /*0140*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*0150*/                   ISETP.GE.AND P2, PT, R6, R22, PT ;
+        /*0160*/              @!P2 BRA `(.L_x_0) ;
+        /*0170*/                   EXIT ;
+"""
+
+
+def test_model_kernel_phases_on_a_hand_made_kernel():
+    comp = R.Compiled("rows", "float32", "", ROW_SASS,
+                      {"registers": 24, "spill_stores": 0, "spill_loads": 0, "static_smem": 0},
+                      {"x": (0x210, "array"), "g": (0x250, "array")}, 0.0)
+    threads, n_cls = 128, 1024
+    km = R.model_kernel(comp, {}, 4, 4, threads, n_cls)
+    share = threads / n_cls
+    main = 6 / 4                           # 6 instructions per trip, 4 elements
+    tail = 6 * (4 - 1) * 32 / n_cls        # at most 3 scalar trips, by one warp, per row
+    body = (3 + 1 + 3) * share             # the row loop's own blocks
+    assert km.instr_per_elem == pytest.approx(main + tail + body)
+    assert km.loop_instr_per_elem == pytest.approx(main + tail)
+    assert (km.read_phases, km.write_phases) == (1, 1)   # the tail is not a second pass
+    assert km.inflight_per_thread == 16
+    # twice the row per thread: the 128-bit trip's slots are only half filled
+    half = R.model_kernel(comp, {}, 4, 4, threads, 256)
+    assert half.inflight_per_thread == pytest.approx(8)
