@@ -129,7 +129,8 @@ def threshold(op, n_cls):
 
 # ---- SASS parsing ------------------------------------------------------------------------------
 
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:(@!?U?P[0-6T])\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:(@!?U?P[0-6T])\s+)?"
+                    r"([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _FUNC = re.compile(r"^\s*\.text\.([^:\s]+):\s*$")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
@@ -221,7 +222,7 @@ _PTX_MEM = re.compile(r"\b(ld|st)\.global((?:\.[a-z0-9]+)*)")
 
 
 def ptx_widths(ptx):
-    """Counter of global access forms in PTX, e.g. {'ld.global.nc.v4.u32': 2, 'st.global.b16': 4}."""
+    """Counter of global access forms in PTX, e.g. {'ld.global.nc.v4.u32': 2}."""
     c = collections.Counter()
     for m in _PTX_MEM.finditer(ptx):
         mods = [p for p in m.group(2).split(".") if p and not p.startswith(("L1", "L2", "cs",
@@ -231,7 +232,7 @@ def ptx_widths(ptx):
     return c
 
 
-# ---- control flow ------------------------------------------------------------------------------
+# ---- control flow ----------------------------------------------------------------------------
 
 class Block:
     def __init__(self, idx, instrs):
@@ -295,7 +296,7 @@ def build_blocks(instrs, labels):
     return blocks
 
 
-# ---- constant propagation over kernel parameters ----------------------------------------------
+# ---- constant propagation over kernel parameters ---------------------------------------------
 
 _REG = re.compile(r"^(-?)(\|?)(U?R(?:\d+|Z))(\.[A-Z0-9]+)?(\|?)$")
 _CONST = re.compile(r"^(-?)c\[0x0\]\[(0x[0-9a-f]+)\]$")
@@ -740,7 +741,8 @@ def access_arrays(blocks, feasible, pointers, clobbers=None):
                     env[d] = frozenset(src)
         for t in succ[k]:
             old = env_in.get(t)
-            new = dict(env) if old is None else {r: old.get(r, frozenset()) | env.get(r, frozenset())
+            none = frozenset()
+            new = dict(env) if old is None else {r: old.get(r, none) | env.get(r, none)
                                                   for r in set(old) | set(env)}
             if old is None or new != old:
                 env_in[t] = new
@@ -748,7 +750,7 @@ def access_arrays(blocks, feasible, pointers, clobbers=None):
     return result
 
 
-# ---- loops and costs ---------------------------------------------------------------------------
+# ---- loops and costs -------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Loop:
@@ -781,17 +783,17 @@ def find_loops(blocks, feasible):
                 reach.add(s)
                 stack.append(s)
     back = [(a, b) for a, b in feasible if a in reach and blocks[b].addr <= blocks[a].addr]
-    loops = []
+    last = {}  # header -> its last latch: back edges to one header are one loop
     for latch, header in back:
-        body = [k for k in range(header, latch + 1) if k in reach]
-        loops.append(Loop(header, latch, body))
+        last[header] = max(latch, last.get(header, latch))
+    loops = [Loop(h, l, [k for k in range(h, l + 1) if k in reach]) for h, l in last.items()]
     for L in loops:
         for M in loops:
             if M is L:
                 continue
-            if L.header <= M.header and M.latch <= L.latch and (M.header, M.latch) != (L.header, L.latch):
+            if L.header <= M.header and M.latch <= L.latch:
                 L.innermost = False
-            if M.header <= L.header and L.latch <= M.latch and (M.header, M.latch) != (L.header, L.latch):
+            if M.header <= L.header and L.latch <= M.latch:
                 L.top = False
     return loops, reach, back
 
@@ -852,7 +854,7 @@ def analyse_loop(blocks, feasible, back, L, is_row=lambda ins: True):
     return L
 
 
-# ---- compiling -----------------------------------------------------------------------------------
+# ---- compiling -------------------------------------------------------------------------------
 
 def nvdisasm_path():
     try:
@@ -1004,7 +1006,7 @@ def main_function(sass, funcs=None):
     return next(iter(entries.values()))
 
 
-# ---- the kernel model ----------------------------------------------------------------------------
+# ---- the kernel model ------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class KernelModel:
@@ -1016,7 +1018,7 @@ class KernelModel:
     loop_instr_per_elem: float  # the streaming loops' share of it
     read_phases: int            # streaming loops on the path that load from global memory
     write_phases: int
-    inflight_per_thread: float  # bytes of global loads one thread has in flight (the least of the read loops)
+    inflight_per_thread: float  # row bytes one thread's loads of one trip cover (least loop)
     loops: list                 # the streaming loops on the path
     sass_widths: collections.Counter
     ptx_widths: collections.Counter
@@ -1162,7 +1164,7 @@ def _model_thread(compiled, values, isz, smem_isz, threads_per_row, elems_per_ro
                        phases, sass_w, ptx_widths(compiled.ptx))
 
 
-# ---- occupancy and ceilings ------------------------------------------------------------------------
+# ---- occupancy and ceilings ------------------------------------------------------------------
 
 def blocks_per_sm(threads, registers, static_smem, dynamic_smem, shared_per_sm=228 * 1024):
     """Resident blocks per SM on sm_90 (the CUDA occupancy calculator's rules)."""
@@ -1185,7 +1187,7 @@ def ceilings(useful_bytes, dram_bytes, inflight_per_sm, instr_total, device):
     return passes, little, issue, min(1.0, passes, little, issue)
 
 
-# ---- cases -----------------------------------------------------------------------------------------
+# ---- cases -----------------------------------------------------------------------------------
 
 def _plan(n_rows, n_cls, dt, family, limits):
     from gpuce import _cuda_plan as P
@@ -1289,13 +1291,14 @@ def model_case(op, dt, n_rows, n_cls, device, limits):
         "streaming_loops": loops,
         "ceiling_passes": round(c_pass, 4), "ceiling_inflight": round(c_little, 4),
         "ceiling_issue": round(min(c_issue, 99.0), 4), "ceiling": round(ceiling, 4),
-        "useful_bytes": useful, "predicted_us": round(useful / (ceiling * device.bandwidth) * 1e6, 2)
-        if ceiling > 0 else None,
+        "useful_bytes": useful,
+        "predicted_us": (round(useful / (ceiling * device.bandwidth) * 1e6, 2) if ceiling > 0
+                         else None),
         "threshold": thr, "pass": None if thr is None else ceiling >= thr,
     }
 
 
-# ---- output ------------------------------------------------------------------------------------------
+# ---- output ----------------------------------------------------------------------------------
 
 def _pct(x):
     return f"{100 * x:.0f}%"
