@@ -304,12 +304,18 @@ _PRED = re.compile(r"^(!?)(U?P(?:[0-6]|T))$")
 
 
 def _dest_regs(ins):
-    """32-bit registers an instruction writes from its first destination (at least)."""
-    if "128" in ins.op:
-        return 4
-    if ("64" in ins.op or "WIDE" in ins.op or ins.base in ("CS2R", "DADD", "DMUL", "DFMA",
-                                                            "DMNMX", "DSETP")):
+    """32-bit registers an instruction writes from its first destination."""
+    parts = ins.op.split(".")
+    if ins.base in ("LDG", "LDS", "LDC", "ULDC", "LD", "LDL", "ATOM", "ATOMG", "ATOMS",
+                    "LDSM"):
+        return 4 if "128" in parts else 2 if "64" in parts else 1
+    if "WIDE" in parts or ins.base in ("CS2R", "DADD", "DMUL", "DFMA", "DMNMX", "DMUL"):
         return 2
+    if ins.base == "F2I":
+        return 2 if ("U64" in parts or "S64" in parts) else 1
+    if ins.base in ("I2F", "F2F"):
+        floats = [p for p in parts if p in ("F16", "F32", "F64")]
+        return 2 if floats and floats[0] == "F64" else 1
     return 1
 
 

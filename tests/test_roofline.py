@@ -339,3 +339,13 @@ def test_model_kernel_phases_on_a_hand_made_kernel():
     # twice the row per thread: the 128-bit trip's slots are only half filled
     half = R.model_kernel(comp, {}, 4, 4, threads, 256)
     assert half.inflight_per_thread == pytest.approx(8)
+
+
+@pytest.mark.parametrize("op, regs", [("SHF.R.S64", 1), ("SHF.L.U64.HI", 1), ("IMAD.WIDE.U32", 2),
+                                      ("LDG.E.128", 4), ("LDC.64", 2), ("LDS.64", 2),
+                                      ("F2I.U64.TRUNC", 2), ("I2F.S64", 1), ("I2F.F64.S64", 2),
+                                      ("F2F.F32.F64", 1), ("DADD", 2), ("IADD3.X", 1)])
+def test_registers_written(op, regs):
+    """What an instruction writes: too many loses known values (flags in neighbouring
+    registers), too few would keep stale ones."""
+    assert R._dest_regs(R.Instr(0, None, op, ["R4", "R6", "R8"], "")) == regs
