@@ -15,7 +15,7 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 | block        | any C                                  | as split            | 0              |
 
 Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; softmax block kernels
-(512 threads, 2 blocks per SM: <= 64 registers, no spills); cross-entropy block kernels 512
+(512 threads, 2 blocks per SM: <= 64 registers, no spills; float64 1); cross-entropy block kernels 512
 threads (80-96 registers: one 512-thread block per SM; a 2-block bound spills).
 
 Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4 fp32, 8
@@ -188,7 +188,7 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
             name = f"{family}_block_cached"
             return LaunchPlan(family, strategy, strategy, name, key,
                               max(1, min(n_rows, device.max_grid)), block, shared,
-                              kernels=(name,), min_blocks=_min_blocks(family))
+                              kernels=(name,), min_blocks=_min_blocks(family, dt))
     if strategy == "split":
         if device.simulated:
             n_split = int(min(4, max(2, -(-n_cls // 64))))
@@ -198,15 +198,16 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
         names = (f"{family}_split_partial", f"{family}_split_finish")
         return LaunchPlan(family, "split", "split", names[0], key,
                           max(1, min(n_rows * n_split, device.max_grid)), block, 0,
-                          n_split=n_split, kernels=names, min_blocks=_min_blocks(family))
+                          n_split=n_split, kernels=names, min_blocks=_min_blocks(family, dt))
     name = f"{family}_block"
     return LaunchPlan(family, "block", "block", name, key, max(1, min(n_rows, device.max_grid)),
-                      block, 0, kernels=(name,), min_blocks=_min_blocks(family))
+                      block, 0, kernels=(name,), min_blocks=_min_blocks(family, dt))
 
 
-def _min_blocks(family):
-    """kernels/cuda_registry.py's launch bound: softmax block kernels fit 2 x 512 threads."""
-    return 2 if family == "softmax" else 1
+def _min_blocks(family, dt):
+    """kernels/cuda_registry.py's launch bound: softmax block kernels fit 2 x 512 threads
+    (not in float64)."""
+    return 2 if family == "softmax" and dt != "float64" else 1
 
 
 def resident_blocks(plan, device, registers_per_thread=None):

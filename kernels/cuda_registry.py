@@ -19,13 +19,14 @@ VEC = "_vec"  # name suffix of the 128-bit variant (rows 16-byte aligned; see cu
 _PARTS = ("warp", "warp_narrow", "block_cached", "block", "split_partial", "split_finish")
 
 
-def _bound(part, family="ce"):
+def _bound(part, family="ce", dt=None):
     """Launch bound: max threads per block, and for the softmax block kernels 2 resident
-    blocks per SM (2 x 512 threads: 64 registers, which they fit without spilling). Cross
-    entropy's block kernels need more (80-96): a 64-register bound spills ~100 bytes."""
+    blocks per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
+    float64). Cross entropy's block kernels need more (80-96): a 64-register bound spills
+    ~100 bytes."""
     if part.startswith("warp"):
         return WARP_BLOCK
-    return (MAX_BLOCK, 2) if family == "softmax" else MAX_BLOCK
+    return (MAX_BLOCK, 2) if family == "softmax" and dt != "float64" else MAX_BLOCK
 
 
 def spec(name, key):
@@ -35,7 +36,7 @@ def spec(name, key):
     if name.startswith("softmax_"):
         part = name[len("softmax_"):]
         return (softmax_kernel(part, key, vec), softmax_signature(key, part, vec),
-                _bound(part, "softmax"))
+                _bound(part, "softmax", key))
     if name == "ce_target_stats":
         return target_stats_kernel(key), stats_signature(key), MAX_BLOCK
     if name.startswith("ce_"):

@@ -66,11 +66,15 @@ def test_compiles_without_spills(resources, spec):
             assert r["stack"] == 0, f"{where}: the row is not held in registers"
 
 
-# Static instructions per element of a 128-bit streaming loop (every path of the loop body
-# counted, divided by the values one trip moves), sm_90 PTX: the softmax family's loops and
-# cross entropy's first pass over the row (its loop without other global accesses).
-BUDGET_SOFTMAX = 16
-BUDGET_CE_FIRST_PASS = 40
+# Static PTX instructions per element of a 128-bit streaming loop, sm_90: every path of the
+# loop body counted (the online-softmax rescale, -inf rows, each mode), divided by the values
+# one trip moves -- an upper bound on what a trip issues, kept as a regression guard. The
+# softmax family's loops, and cross entropy's first pass over the row (block_cached: its loop
+# without other global accesses). For scale: at copy speed an H100 issues about 40
+# instructions per bf16 element and 80 per fp32 element of a loss+gradient pass (GUIDE 5);
+# benchmarks/roofline.py counts the SASS of the path a call takes.
+BUDGET_SOFTMAX = {"float16": 64, "bfloat16": 64, "float32": 64, "float64": 160}
+BUDGET_CE_FIRST_PASS = {"float16": 40, "bfloat16": 40, "float32": 40, "float64": 120}
 VEC_SPECS = [s for s in SPECS if s[0].endswith("_vec")]
 
 
@@ -92,15 +96,16 @@ def test_vectorized_kernels_stream_128_bits(resources, spec):
         assert any(v4_st for _, _, v4_st, _, _ in loops), f"{spec}: no 128-bit store: {loops}"
     assert res[(9, 0)]["half_scalar"] == 0, f"{spec}: 16-bit global accesses left"
     k = _elems(spec[1])
+    dt = spec[1][0] if isinstance(spec[1], tuple) else spec[1]
     for n, v4_ld, v4_st, ld, st in loops:
         if not (v4_ld or v4_st):
             continue
         per_elem = n / (k * max(1, v4_ld if not v4_st else v4_st))
         if name.startswith("softmax"):
-            assert per_elem <= BUDGET_SOFTMAX, f"{spec}: {per_elem:.1f} instructions/element"
+            assert per_elem <= BUDGET_SOFTMAX[dt], f"{spec}: {per_elem:.1f} instructions/element"
     if name.startswith("ce_block_cached"):
         first = [n / k for n, v4_ld, v4_st, ld, st in loops if v4_ld == 1 and not (v4_st or ld or st)]
-        assert first and min(first) <= BUDGET_CE_FIRST_PASS, f"{spec}: {loops}"
+        assert first and min(first) <= BUDGET_CE_FIRST_PASS[dt], f"{spec}: {loops}"
 
 
 def test_every_kernel_is_listed():
