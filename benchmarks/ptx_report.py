@@ -2,7 +2,8 @@
 
 Compiles each kernel x dtype to PTX with numba-cuda (no GPU needed) and assembles it with
 ptxas through nvJitLink (-arch=sm_XY -verbose), then prints one markdown table. Zero spills
-is the bar; the exit status is 1 if any kernel spills.
+is the bar; the exit status is 1 if any kernel spills. Kernels named ``*_vec`` are the
+128-bit variants (their ld.v4 / st.v4 columns count 16-byte global accesses in the PTX).
 
     python benchmarks/ptx_report.py                  # every kernel, sm_80 and sm_90
     python benchmarks/ptx_report.py --main-only      # the softmax / cross-entropy kernels
@@ -27,6 +28,7 @@ def _one(job):
         for cc, ptx in cuda_ptx.compile_ptx(name, key, ccs).items():
             _, res = cuda_ptx.ptxas(ptx, cc)
             res["v4_loads"] = ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4")
+            res["v4_stores"] = ptx.count("st.global.v4")
             res["ex2_approx"] = ptx.count("ex2.approx")
             out[cc] = res
             if ptx_dir:
@@ -58,8 +60,8 @@ def main(argv=None):
         results = list(pool.map(_one, jobs, chunksize=1))
 
     print("| kernel | dtype | target | registers | spill st/ld (B) | stack (B) | smem (B) "
-          "| ld.v4 | ex2.approx |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "| ld.v4 | st.v4 | ex2.approx |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     spilled = failed = 0
     for (name, key), res in zip(specs, results):
         if isinstance(res, str):
@@ -72,7 +74,7 @@ def main(argv=None):
             mark = " **SPILLS**" if spill else ""
             print(f"| {name} | {cuda_ptx.key_label(key, name)} | sm_{cc[0]}{cc[1]} | {r['registers']} | "
                   f"{r['spill_stores']}/{r['spill_loads']}{mark} | {r['stack']} | {r['smem']} | "
-                  f"{r['v4_loads']} | {r['ex2_approx']} |")
+                  f"{r['v4_loads']} | {r['v4_stores']} | {r['ex2_approx']} |")
     print(f"\n{len(specs)} kernels x {len(ccs)} targets in {time.time() - t0:.0f} s: "
           f"{spilled} spilling, {failed} failed to compile.")
     return 1 if spilled or failed else 0

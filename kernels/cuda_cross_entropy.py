@@ -19,14 +19,19 @@ Strategies, by row length:
 
 Kernel arguments (the same order everywhere; unused arrays get a harmless stand-in):
     x, g, q: logits, gradient, soft targets (storage dtype); tgt: int64 class indices;
-    w, go, loss, st: weights, grad_output, per-row losses, device-computed [1/den_ce, 1/den_z]
-    (accumulator dtype); n_rows, n_cls, ignore_index, soft, weighted, write_grad, go_mode,
-    use_st (int64); eps, zl, cap, go_scalar, inv_ce, inv_z (accumulator); then the
+    w, go, loss, st: weights, grad_output, per-row losses (or the total), device-computed
+    [1/den_ce, 1/den_z] (accumulator dtype); part, ctr: the total's float64 block partials and
+    int32 ticket; n_rows, n_cls, ignore_index, soft, weighted, write_grad, go_mode, use_st,
+    total (int64); eps, zl, cap, go_scalar, inv_ce, inv_z (accumulator); then the
     strategy's own integer (n_split, or an unused 0). The split kernels also take ``ws``, the
     per-chunk partials (and each row's target logit, saved before any in-place write).
 
-Also here: the small helpers the host launches around them (mean divisors, the
-deterministic sum of row losses, target validation, dtype conversion).
+With ``total`` set (reduction mean or sum) the kernel writes no per-row losses: it sums them
+into ``loss[0]`` itself (cuda_reduce.grid_sums: ``part`` holds one float64 per block, ``ctr``
+the last-block ticket), deterministically, so a mean/sum call is at most 3 launches.
+
+Also here: the small helpers the host launches around them (mean divisors, target
+validation, dtype conversion).
 """
 import math
 from functools import lru_cache
@@ -35,60 +40,59 @@ import numpy as np
 from numba import cuda, types
 
 from .cuda_dtypes import DTYPES, array, traits
-from .cuda_reduce import reductions
+from .cuda_reduce import grid_sums, reductions
 from .cuda_rowmath import ACTIVE, IDLE, rowmath
+from .cuda_vec import access, step_elems
+from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
 
 U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
-WARP_BLOCK = 256   # threads per block of the warp strategy (launch bound)
-MAX_BLOCK = 512    # most threads per block of the other kernels (launch bound: <= 128 regs)
-
-WARP_SHAPES = {  # strategy -> (lanes per row, logits per lane held in registers)
-    "warp": (32, 16),
-    "warp_narrow": (4, 8),   # C <= 32: eight rows per warp, enough bytes in flight
-}
 
 
-def warp_shape(strategy, dt):
-    """(lanes per row, values per lane) of a warp kernel; float64 holds half as many."""
-    tpr, vpt = WARP_SHAPES[strategy]
-    return tpr, (vpt // 2 if dt == "float64" else vpt)
-
-
-def warp_capacity(strategy, dt):
-    tpr, vpt = warp_shape(strategy, dt)
-    return tpr * vpt
-
-
-def ce_signature(dt, kind, qdt=None):
+def ce_signature(dt, kind, qdt=None, vec=False):
     T = traits(dt)
     st, acc = array(T.storage), array(T.acc)
     qt = array(traits(qdt or dt).storage)
+    if vec:  # the 128-bit variant reads and writes rows through int32 views
+        st = qt = array(types.int32)
     i64, a = types.int64, T.acc
     if kind == "split_partial":
         return types.void(st, qt, array(i64), acc, acc, i64, i64, i64, i64, i64, a, a, i64)
-    head = (st, st, qt, array(i64), acc, acc, acc, acc)
+    head = (st, st, qt, array(i64), acc, acc, acc, acc, array(types.float64), array(types.int32))
     if kind == "split_finish":
         head = head + (acc,)
-    return types.void(*head, *(i64,) * 8, *(a,) * 6, i64)
+    return types.void(*head, *(i64,) * 9, *(a,) * 6, i64)
 
 
 @lru_cache(maxsize=None)
-def ce_kernel(strategy, dt, qdt=None):
+def ce_kernel(strategy, dt, qdt=None, vec=False):
     """The Python function of one strategy's kernel for logits stored as ``dt`` (and soft
-    targets as ``qdt``: float32 probabilities with half logits are used as given)."""
+    targets as ``qdt``: float32 probabilities with half logits are used as given). ``vec``:
+    the 128-bit variant (x, g, q are int32 views; every row start 16-byte aligned)."""
     R = rowmath(dt, qdt)
     RD = reductions(R.T.acc_np)
+    GS = grid_sums()
     acc = R.T.acc
+    f64 = types.float64
     NEG_INF, ZERO, ONE = R.NEG_INF, R.ZERO, R.ONE
     i64 = types.int64
+    K = step_elems(dt) if vec else 1  # elements per memory access
+    AX = access(dt, K)
+    AQ = access(qdt or dt, K)
 
     if strategy in WARP_SHAPES:
         TPR, VPT = warp_shape(strategy, dt)
         LOG2 = TPR.bit_length() - 1
+        SPL = VPT // K  # steps per lane
 
-        def ce_warp(x, g, q, tgt, w, go, loss, st, n_rows, n_cls, ignore_index, soft, weighted,
-                    write_grad, go_mode, use_st, eps, zl, cap, go_scalar, inv_ce, inv_z, unused):
+        def ce_warp(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
+                    soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
+                    inv_ce, inv_z, unused):
             vals = cuda.local.array(VPT, acc)
+            sv = cuda.local.array(K, acc)
+            qv = cuda.local.array(K, acc)
+            buf_t = cuda.shared.array(32, f64)
+            flag = cuda.shared.array(1, types.int32)
+            row_sum = f64(0.0)
             tid = i64(cuda.threadIdx.x)
             lane = tid & (TPR - 1)
             per_block = i64(cuda.blockDim.x) >> LOG2
@@ -96,123 +100,192 @@ def ce_kernel(strategy, dt, qdt=None):
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
+            n_steps = n_cls // K
             for first in range(i64(cuda.blockIdx.x) * per_block, n_rows,
                                i64(cuda.gridDim.x) * per_block):
                 row = first + (tid >> LOG2)
                 live = row < n_rows
-                off = row * n_cls
+                rs = row * n_steps  # the row's first step
                 if soft:
                     state, y = (ACTIVE if live else IDLE), i64(-1)
                 else:
                     state, y = R.hard_target(tgt, row, live, n_cls, ignore_index)
                 m = NEG_INF
                 z_y = ZERO
-                for j in range(VPT):
-                    c = j * TPR + lane
-                    z = NEG_INF
-                    if live and c < n_cls:
-                        z = R.logit(x[U(off + c)], cap)
-                    if c == y:
-                        z_y = z  # taken from registers: no re-read that in-place writes could race
-                    vals[j] = z
-                    if z > m:
-                        m = z
+                for j in range(SPL):
+                    s = j * TPR + lane
+                    if live and s < n_steps:
+                        AX.load(x, rs + s, sv)
+                        for k in range(K):
+                            sv[k] = R.capped(sv[k], cap)
+                    else:  # padding: -inf, which adds nothing
+                        for k in range(K):
+                            sv[k] = NEG_INF
+                    for k in range(K):
+                        z = sv[k]
+                        if s * K + k == y:
+                            z_y = z  # from registers: no re-read that in-place writes could race
+                        vals[j * K + k] = z
+                        if z > m:
+                            m = z
                 m = R.finite_max(RD.warp_max(m, TPR))
                 if not soft:
                     z_y = RD.warp_sum(z_y, TPR)
-                s = ZERO
+                se = ZERO
                 big_q = ZERO
                 qz = ZERO
-                for j in range(VPT):
-                    c = j * TPR + lane
-                    z = vals[j]
-                    e = math.exp(z - m)
-                    s += e
-                    if dist and live and c < n_cls:
-                        wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
-                        big_q += wq
-                        qz += R.dist_term(wq, z, m)
-                    vals[j] = e
-                s = RD.warp_sum(s, TPR)
+                for j in range(SPL):
+                    s = j * TPR + lane
+                    on = dist and live and s < n_steps
+                    if on and soft:
+                        AQ.load(q, rs + s, qv)
+                    for k in range(K):
+                        z = vals[j * K + k]
+                        e = math.exp(z - m)
+                        se += e
+                        if on:
+                            wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted,
+                                             keep, smooth)
+                            big_q += wq
+                            qz += R.dist_term(wq, z, m)
+                        vals[j * K + k] = e
+                se = RD.warp_sum(se, TPR)
                 if dist:
                     big_q = RD.warp_sum(big_q, TPR)
                     qz = RD.warp_sum(qz, TPR)
                 t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
                                           go_scalar, row)
-                lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
+                lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if live and lane == 0:
-                    loss[U(row)] = lv
+                    if total:
+                        row_sum += f64(lv)
+                    else:
+                        loss[U(row)] = lv
                 if write_grad and live:
-                    for j in range(VPT):
-                        c = j * TPR + lane
-                        if c < n_cls:
+                    for j in range(SPL):
+                        s = j * TPR + lane
+                        if s < n_steps:
                             if state == ACTIVE:
-                                gf = ONE
                                 if cap > ZERO:
-                                    gf = R.grad_factor(R.logit(x[U(off + c)], cap), cap)
-                                g[U(off + c)] = R.grad(vals[j], k_p, R.coef(
-                                    c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep,
-                                    smooth), gf)
+                                    AX.load(x, rs + s, sv)
+                                if dist and soft:
+                                    AQ.load(q, rs + s, qv)
+                                for k in range(K):
+                                    c = s * K + k
+                                    gf = ONE
+                                    if cap > ZERO:
+                                        gf = R.grad_factor(R.capped(sv[k], cap), cap)
+                                    wq = ZERO
+                                    if dist:
+                                        wq = R.weight_of(qv[k] if soft else ZERO, w, c,
+                                                         weighted, keep, smooth)
+                                    sv[k] = R.grad_value(vals[j * K + k], k_p,
+                                                         R.coef_of(c, y, k_q, k_y, dist, wq), gf)
                             else:
-                                g[U(off + c)] = R.store(ZERO)
+                                for k in range(K):
+                                    sv[k] = ZERO
+                            AX.store(g, rs + s, sv)
+            if total:
+                GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_warp
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
+        # half rows are cached as stored (2 bytes a value, twice the row that fits), and
+        # widened again in each pass; float32/float64 rows as values, then exp(z - m)
+        RAWC = cached and dt in ("float16", "bfloat16")
+        RAW = AX.RAW if RAWC else acc
+        NW = AX.NW if RAWC else 1
 
-        def ce_block(x, g, q, tgt, w, go, loss, st, n_rows, n_cls, ignore_index, soft, weighted,
-                     write_grad, go_mode, use_st, eps, zl, cap, go_scalar, inv_ce, inv_z,
-                     unused):
-            cache = cuda.shared.array(0, acc)  # n_cls accumulators when cached
+        def ce_block(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
+                     soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
+                     inv_ce, inv_z, unused):
+            cache = cuda.shared.array(0, acc)  # the row's values when cached (not RAWC)
+            cache_r = cuda.shared.array(0, RAW)  # the row as stored (RAWC)
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
+            buf_t = cuda.shared.array(32, f64)
+            flag = cuda.shared.array(1, types.int32)
+            sv = cuda.local.array(K, acc)
+            qv = cuda.local.array(K, acc)
+            rv = cuda.local.array(NW, RAW)
+            row_sum = f64(0.0)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
             inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
+            n_steps = n_cls // K
             for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
-                off = row * n_cls
+                rs = row * n_steps
                 if soft:
                     state, y = ACTIVE, i64(-1)
                 else:
                     state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
                 z_y = ZERO
                 if state == ACTIVE and not soft:
-                    z_y = R.logit(x[U(off + y)], cap)  # before the barriers that precede any write
+                    # before the barriers that precede any write
+                    z_y = R.capped(AX.elem(x, row * n_cls + y), cap)
                 m = NEG_INF
-                s = ZERO
+                se = ZERO
                 big_q = ZERO
                 qz = ZERO
                 if cached:
-                    for c in range(tid, n_cls, bd):
-                        z = R.logit(x[U(off + c)], cap)
-                        cache[U(c)] = z
-                        if z > m:
-                            m = z
+                    for s in range(tid, n_steps, bd):
+                        if RAWC:
+                            AX.raw(x, rs + s, rv)
+                            for j in range(NW):
+                                cache_r[U(s * NW + j)] = rv[j]
+                            AX.unpack_raw(rv, sv)
+                        else:
+                            AX.load(x, rs + s, sv)
+                        for k in range(K):
+                            z = R.capped(sv[k], cap)
+                            if not RAWC:
+                                cache[U(s * K + k)] = z
+                            if z > m:
+                                m = z
                     m = R.finite_max(RD.block_max(m, buf_m))
-                    for c in range(tid, n_cls, bd):
-                        z = cache[U(c)]
-                        e = math.exp(z - m)
-                        cache[U(c)] = e  # each thread only touches its own columns
-                        s += e
-                        if dist:
-                            wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
-                            big_q += wq
-                            qz += R.dist_term(wq, z, m)
-                    s = RD.block_sum(s, buf_s)
+                    for s in range(tid, n_steps, bd):
+                        if dist and soft:
+                            AQ.load(q, rs + s, qv)
+                        if RAWC:
+                            for j in range(NW):
+                                rv[j] = cache_r[U(s * NW + j)]
+                            AX.unpack_raw(rv, sv)
+                        for k in range(K):
+                            c = s * K + k
+                            if RAWC:
+                                z = R.capped(sv[k], cap)
+                            else:
+                                z = cache[U(c)]
+                            e = math.exp(z - m)
+                            if not RAWC and cap == ZERO:
+                                cache[U(c)] = e  # each thread only touches its own columns
+                            se += e
+                            if dist:
+                                wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted, keep,
+                                                 smooth)
+                                big_q += wq
+                                qz += R.dist_term(wq, z, m)
+                    se = RD.block_sum(se, buf_s)
                 else:
-                    for c in range(tid, n_cls, bd):
-                        z = R.logit(x[U(off + c)], cap)
-                        m_new, s = R.online(m, s, z)
-                        if dist:
-                            wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
-                            qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
-                            big_q += wq
-                        m = m_new
-                    m_blk, s = RD.block_merge(m, s, buf_m, buf_s)
+                    for s in range(tid, n_steps, bd):
+                        AX.load(x, rs + s, sv)
+                        if dist and soft:
+                            AQ.load(q, rs + s, qv)
+                        for k in range(K):
+                            z = R.capped(sv[k], cap)
+                            m_new, se = R.online(m, se, z)
+                            if dist:
+                                wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k,
+                                                 weighted, keep, smooth)
+                                qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
+                                big_q += wq
+                            m = m_new
+                    m_blk, se = RD.block_merge(m, se, buf_m, buf_s)
                     qz = R.rebase(qz, big_q, m, m_blk)  # every thread's qz relative to one max
                     m = R.finite_max(m_blk)
                 if dist:
@@ -220,27 +293,54 @@ def ce_kernel(strategy, dt, qdt=None):
                     qz = RD.block_sum(qz, buf_s)
                 t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
                                           go_scalar, row)
-                lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
+                lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if tid == 0:
-                    loss[U(row)] = lv
+                    if total:
+                        row_sum += f64(lv)
+                    else:
+                        loss[U(row)] = lv
                 if write_grad:
-                    for c in range(tid, n_cls, bd):
+                    for s in range(tid, n_steps, bd):
                         if state == ACTIVE:
-                            if cached:
-                                e = cache[U(c)]
-                                gf = ONE
-                                if cap > ZERO:
-                                    gf = R.grad_factor(R.logit(x[U(off + c)], cap), cap)
-                            else:
-                                z = R.logit(x[U(off + c)], cap)
-                                e = math.exp(z - m)
-                                gf = R.grad_factor(z, cap)
-                            g[U(off + c)] = R.grad(e, k_p, R.coef(
-                                c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep, smooth),
-                                gf)
+                            if not cached:
+                                AX.load(x, rs + s, sv)
+                            elif RAWC:
+                                for j in range(NW):
+                                    rv[j] = cache_r[U(s * NW + j)]
+                                AX.unpack_raw(rv, sv)
+                            if dist and soft:
+                                AQ.load(q, rs + s, qv)
+                            for k in range(K):
+                                c = s * K + k
+                                if RAWC:
+                                    z = R.capped(sv[k], cap)
+                                    e = math.exp(z - m)
+                                    gf = R.grad_factor(z, cap)
+                                elif cached:
+                                    if cap > ZERO:  # the capped logit stayed in the cache
+                                        z = cache[U(c)]
+                                        e = math.exp(z - m)
+                                        gf = R.grad_factor(z, cap)
+                                    else:
+                                        e = cache[U(c)]
+                                        gf = ONE
+                                else:
+                                    z = R.capped(sv[k], cap)
+                                    e = math.exp(z - m)
+                                    gf = R.grad_factor(z, cap)
+                                wq = ZERO
+                                if dist:
+                                    wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted,
+                                                     keep, smooth)
+                                sv[k] = R.grad_value(e, k_p, R.coef_of(c, y, k_q, k_y, dist, wq),
+                                                     gf)
                         else:
-                            g[U(off + c)] = R.store(ZERO)
+                            for k in range(K):
+                                sv[k] = ZERO
+                        AX.store(g, rs + s, sv)
+            if total:
+                GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_block
 
     if strategy == "split_partial":
@@ -248,31 +348,39 @@ def ce_kernel(strategy, dt, qdt=None):
                              cap, n_split):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
+            sv = cuda.local.array(K, acc)
+            qv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
-            length = (n_cls + n_split - 1) // n_split
+            n_steps = n_cls // K
+            length = (n_steps + n_split - 1) // n_split  # steps per chunk
             zy_base = n_rows * n_split * 4
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
                 lo = (b - row * n_split) * length
-                hi = min(n_cls, lo + length)
-                off = row * n_cls
+                hi = min(n_steps, lo + length)
+                rs = row * n_steps
                 m = NEG_INF
-                s = ZERO
+                se = ZERO
                 big_q = ZERO
                 qz = ZERO
-                for c in range(lo + tid, hi, bd):
-                    z = R.logit(x[U(off + c)], cap)
-                    m_new, s = R.online(m, s, z)
-                    if dist:
-                        wq = R.class_weight(q, w, off, c, soft, weighted, keep, smooth)
-                        qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
-                        big_q += wq
-                    m = m_new
-                m_blk, s = RD.block_merge(m, s, buf_m, buf_s)
+                for s in range(lo + tid, hi, bd):
+                    AX.load(x, rs + s, sv)
+                    if dist and soft:
+                        AQ.load(q, rs + s, qv)
+                    for k in range(K):
+                        z = R.capped(sv[k], cap)
+                        m_new, se = R.online(m, se, z)
+                        if dist:
+                            wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted,
+                                             keep, smooth)
+                            qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
+                            big_q += wq
+                        m = m_new
+                m_blk, se = RD.block_merge(m, se, buf_m, buf_s)
                 qz = R.rebase(qz, big_q, m, m_blk)
                 m = m_blk
                 if dist:
@@ -280,48 +388,54 @@ def ce_kernel(strategy, dt, qdt=None):
                     qz = RD.block_sum(qz, buf_s)
                 if tid == 0:
                     ws[U(b * 4)] = m
-                    ws[U(b * 4 + 1)] = s
+                    ws[U(b * 4 + 1)] = se
                     ws[U(b * 4 + 2)] = big_q
                     ws[U(b * 4 + 3)] = qz
                     if not soft:
                         state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
-                        if state == ACTIVE and lo <= y and y < hi:
+                        if state == ACTIVE and lo * K <= y and y < hi * K:
                             # saved here: in place, the finishing kernel overwrites x[y]
-                            ws[U(zy_base + row)] = R.logit(x[U(off + y)], cap)
+                            ws[U(zy_base + row)] = R.capped(AX.elem(x, row * n_cls + y), cap)
         return ce_split_partial
 
     if strategy == "split_finish":
-        def ce_split_finish(x, g, q, tgt, w, go, loss, st, ws, n_rows, n_cls, ignore_index, soft,
-                            weighted, write_grad, go_mode, use_st, eps, zl, cap, go_scalar,
-                            inv_ce, inv_z, n_split):
+        def ce_split_finish(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls,
+                            ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps,
+                            zl, cap, go_scalar, inv_ce, inv_z, n_split):
+            buf_t = cuda.shared.array(32, f64)
+            flag = cuda.shared.array(1, types.int32)
+            sv = cuda.local.array(K, acc)
+            qv = cuda.local.array(K, acc)
+            row_sum = f64(0.0)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
             inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
-            length = (n_cls + n_split - 1) // n_split
+            n_steps = n_cls // K
+            length = (n_steps + n_split - 1) // n_split
             zy_base = n_rows * n_split * 4
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
                 chunk = b - row * n_split
                 if chunk != 0 and not write_grad:
-                    continue
+                    continue  # (no barrier in this loop: threads may leave it at any time)
                 m = NEG_INF
-                s = ZERO
+                se = ZERO
                 big_q = ZERO
                 qz = ZERO
                 base = row * n_split * 4
-                for k in range(n_split):  # a fixed order: every block gets the same bits
-                    m_k = ws[U(base + 4 * k)]
-                    q_k = ws[U(base + 4 * k + 2)]
-                    m_new, s = RD.merge(m, s, m_k, ws[U(base + 4 * k + 1)])
+                for kk in range(n_split):  # a fixed order: every block gets the same bits
+                    m_k = ws[U(base + 4 * kk)]
+                    q_k = ws[U(base + 4 * kk + 2)]
+                    m_new, se = RD.merge(m, se, m_k, ws[U(base + 4 * kk + 1)])
                     qz = (R.rebase(qz, big_q, m, m_new)
-                          + R.rebase(ws[U(base + 4 * k + 3)], q_k, m_k, m_new))
+                          + R.rebase(ws[U(base + 4 * kk + 3)], q_k, m_k, m_new))
                     big_q += q_k
                     m = m_new
                 m = R.finite_max(m)
-                off = row * n_cls
+                rs = row * n_steps
                 if soft:
                     state, y = ACTIVE, i64(-1)
                 else:
@@ -331,20 +445,36 @@ def ce_kernel(strategy, dt, qdt=None):
                     z_y = ws[U(zy_base + row)]
                 t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
                                           go_scalar, row)
-                lv, k_p, k_q, k_y = R.finish(state, m, s, z_y, t_y, big_q, qz, zl, inv_ce,
+                lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, inv_ce,
                                              inv_z, go_v)
                 if chunk == 0 and tid == 0:
-                    loss[U(row)] = lv
+                    if total:
+                        row_sum += f64(lv)
+                    else:
+                        loss[U(row)] = lv
                 if write_grad:
                     lo = chunk * length
-                    for c in range(lo + tid, min(n_cls, lo + length), bd):
+                    for s in range(lo + tid, min(n_steps, lo + length), bd):
                         if state == ACTIVE:
-                            z = R.logit(x[U(off + c)], cap)
-                            g[U(off + c)] = R.grad(math.exp(z - m), k_p, R.coef(
-                                c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep, smooth),
-                                R.grad_factor(z, cap))
+                            AX.load(x, rs + s, sv)
+                            if dist and soft:
+                                AQ.load(q, rs + s, qv)
+                            for k in range(K):
+                                c = s * K + k
+                                z = R.capped(sv[k], cap)
+                                wq = ZERO
+                                if dist:
+                                    wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted,
+                                                     keep, smooth)
+                                sv[k] = R.grad_value(math.exp(z - m), k_p,
+                                                     R.coef_of(c, y, k_q, k_y, dist, wq),
+                                                     R.grad_factor(z, cap))
                         else:
-                            g[U(off + c)] = R.store(ZERO)
+                            for k in range(K):
+                                sv[k] = ZERO
+                        AX.store(g, rs + s, sv)
+            if total:
+                GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_split_finish
 
     raise KeyError(strategy)
@@ -352,27 +482,28 @@ def ce_kernel(strategy, dt, qdt=None):
 
 # ---- helpers around the main kernels ------------------------------------------------------
 
-# Sums over rows run in two deterministic levels: ``G`` blocks each reduce a fixed, strided
-# share into one float64 partial, then one block adds the G partials in order. No atomics, so
-# the same call on the same device gives the same bits; many blocks, so large N stays cheap.
-
 def stats_signature(acc_name):
     a = getattr(types, acc_name)
     i64 = types.int64
-    return types.void(array(i64), array(a), array(types.float64), i64, i64, i64, i64)
+    return types.void(array(i64), array(a), array(types.float64), array(a), array(types.int32),
+                      i64, i64, i64, i64)
 
 
 @lru_cache(maxsize=None)
 def target_stats_kernel(acc_name):
-    """part[2b], part[2b+1] = block b's share of (sum of w_y, count) over the kept rows with
-    a valid target."""
+    """st = [1/sum of w_y, 1/count] over the kept rows with a valid target (0 where a sum is
+    0: every row ignored gives a zero loss and gradient), in one launch: each block writes
+    its share to part[2b], part[2b+1]; the last block adds them in block order."""
     RD = reductions(np.float64)
+    GS = grid_sums()
     f64 = types.float64
     i64 = types.int64
+    A = np.dtype(acc_name).type
     ZERO64, ONE64 = np.float64(0.0), np.float64(1.0)
 
-    def ce_target_stats(tgt, w, part, n_rows, n_cls, ignore_index, weighted):
+    def ce_target_stats(tgt, w, part, st, ctr, n_rows, n_cls, ignore_index, weighted):
         buf = cuda.shared.array(32, f64)
+        flag = cuda.shared.array(1, types.int32)
         tid = i64(cuda.threadIdx.x)
         bd = i64(cuda.blockDim.x)
         sw = ZERO64
@@ -387,87 +518,18 @@ def target_stats_kernel(acc_name):
         if tid == 0:
             part[U(2 * i64(cuda.blockIdx.x))] = sw
             part[U(2 * i64(cuda.blockIdx.x) + 1)] = kept
+        if GS.last_block_done(ctr, 0, flag):
+            sw = ZERO64
+            kept = ZERO64
+            for b in range(tid, i64(cuda.gridDim.x), bd):
+                sw += part[U(2 * b)]
+                kept += part[U(2 * b + 1)]
+            sw = RD.block_sum(sw, buf)
+            kept = RD.block_sum(kept, buf)
+            if tid == 0:
+                st[0] = A(0.0) if sw == ZERO64 else A(ONE64 / sw)
+                st[1] = A(0.0) if kept == ZERO64 else A(ONE64 / kept)
     return ce_target_stats
-
-
-def stats_finish_signature(acc_name):
-    a = getattr(types, acc_name)
-    return types.void(array(types.float64), array(a), types.int64)
-
-
-@lru_cache(maxsize=None)
-def target_stats_finish_kernel(acc_name):
-    """One block: st = [1/sum w_y, 1/kept rows] from the partials; 0 where a sum is 0 (every
-    row ignored: a zero loss and gradient)."""
-    RD = reductions(np.float64)
-    f64 = types.float64
-    i64 = types.int64
-    A = np.dtype(acc_name).type
-    ZERO64, ONE64 = np.float64(0.0), np.float64(1.0)
-
-    def ce_target_stats_finish(part, st, n_part):
-        buf = cuda.shared.array(32, f64)
-        sw = ZERO64
-        kept = ZERO64
-        for b in range(i64(cuda.threadIdx.x), n_part, i64(cuda.blockDim.x)):
-            sw += part[U(2 * b)]
-            kept += part[U(2 * b + 1)]
-        sw = RD.block_sum(sw, buf)
-        kept = RD.block_sum(kept, buf)
-        if cuda.threadIdx.x == 0:
-            st[0] = A(0.0) if sw == ZERO64 else A(ONE64 / sw)
-            st[1] = A(0.0) if kept == ZERO64 else A(ONE64 / kept)
-    return ce_target_stats_finish
-
-
-def rows_sum_signature(acc_name):
-    a = getattr(types, acc_name)
-    return types.void(array(a), array(types.float64), types.int64)
-
-
-@lru_cache(maxsize=None)
-def rows_sum_kernel(acc_name):
-    """part[b] = block b's share of the sum of the row losses, in float64."""
-    RD = reductions(np.float64)
-    f64 = types.float64
-    i64 = types.int64
-    ZERO64 = np.float64(0.0)
-
-    def rows_sum(vals, part, n):
-        buf = cuda.shared.array(32, f64)
-        bd = i64(cuda.blockDim.x)
-        t = ZERO64
-        for i in range(i64(cuda.blockIdx.x) * bd + i64(cuda.threadIdx.x), n,
-                       i64(cuda.gridDim.x) * bd):
-            t += f64(vals[U(i)])
-        t = RD.block_sum(t, buf)
-        if cuda.threadIdx.x == 0:
-            part[U(cuda.blockIdx.x)] = t
-    return rows_sum
-
-
-def sum_finish_signature(acc_name):
-    a = getattr(types, acc_name)
-    return types.void(array(types.float64), array(a), types.int64)
-
-
-@lru_cache(maxsize=None)
-def sum_finish_kernel(acc_name):
-    """One block: out[0] = the sum of the partials, added in a fixed order."""
-    RD = reductions(np.float64)
-    i64 = types.int64
-    A = np.dtype(acc_name).type
-    ZERO64 = np.float64(0.0)
-
-    def rows_sum_finish(part, out, n_part):
-        buf = cuda.shared.array(32, types.float64)
-        t = ZERO64
-        for b in range(i64(cuda.threadIdx.x), n_part, i64(cuda.blockDim.x)):
-            t += part[U(b)]
-        t = RD.block_sum(t, buf)
-        if cuda.threadIdx.x == 0:
-            out[0] = A(t)
-    return rows_sum_finish
 
 
 def check_targets_signature():

@@ -78,3 +78,42 @@ def key_label(key, name=""):
     if isinstance(key, tuple):  # convert: source->destination; cross entropy: logits,q=dtype
         return "->".join(key) if name == "convert" else f"{key[0]},q={key[1]}"
     return key
+
+
+_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def ptx_loops(ptx):
+    """The innermost loops of PTX text (a label and a later branch back to it with no other
+    loop inside) as lists of instructions: the static code of each loop body, every path
+    included (a bound for the instructions a trip issues)."""
+    lines = [ln.split("//")[0].strip() for ln in ptx.splitlines()]
+    where = {}
+    loops = []
+    for i, ln in enumerate(lines):
+        m = _LABEL.match(ln)
+        if m:
+            where[m.group(1)] = i
+            continue
+        b = _BRANCH.search(ln)
+        if b and b.group(1) in where and where[b.group(1)] < i:
+            loops.append((where[b.group(1)], i))
+    inner = [(a, b) for a, b in loops
+             if not any(a < c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [[ln for ln in lines[a + 1:b + 1] if ln.endswith(";") and not ln.startswith(".")]
+            for a, b in inner]
+
+
+def streaming_loops(ptx):
+    """[(instructions, 128-bit loads, 128-bit stores, scalar global loads, scalar global
+    stores)] of each innermost loop that touches global memory."""
+    out = []
+    for body in ptx_loops(ptx):
+        v4_ld = sum(1 for ln in body if re.match(r"ld\.global(\.nc)?\.v4\.", ln))
+        v4_st = sum(1 for ln in body if re.match(r"st\.global\.v4\.", ln))
+        ld = sum(1 for ln in body if re.match(r"ld\.global\.", ln)) - v4_ld
+        st = sum(1 for ln in body if re.match(r"st\.global\.", ln)) - v4_st
+        if v4_ld or v4_st or ld or st:
+            out.append((len(body), v4_ld, v4_st, ld, st))
+    return out

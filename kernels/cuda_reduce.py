@@ -16,6 +16,7 @@ Everything is typed by the accumulator (float32 or float64): ``reductions(acc_np
 import math
 from functools import lru_cache
 
+import numpy as np
 from numba import cuda
 
 from .cuda_dtypes import SIMULATOR, namespace
@@ -112,3 +113,48 @@ def reductions(acc_np):
     return namespace(merge=merge, warp_max=warp_max, warp_sum=warp_sum,
                            warp_merge=warp_merge, block_max=block_max, block_sum=block_sum,
                            block_merge=block_merge)
+
+
+@lru_cache(maxsize=None)
+def grid_sums():
+    """A deterministic sum over a whole grid in one launch: each block adds its threads'
+    float64 values in a fixed tree and writes one partial; the last block to finish (an
+    atomic ticket on ``ctr[slot]``, an int32 the caller zeroed once) adds the partials in
+    block order and resets the ticket for the next launch. No float atomics, so the same
+    call gives the same bits; the grid must be a fixed function of the problem size."""
+    RD = reductions(np.float64)
+    ZERO = np.float64(0.0)
+    device = cuda.jit(device=True, inline="always")
+
+    @device
+    def last_block_done(ctr, slot, flag):
+        """Call after thread 0 wrote this block's partials: True (in every thread) in the
+        last block of the grid, which may then read every block's partials."""
+        cuda.syncthreads()
+        if cuda.threadIdx.x == 0:
+            cuda.threadfence()  # this block's partials are visible before its ticket
+            n_blocks = cuda.gridDim.x
+            flag[0] = 1 if cuda.atomic.add(ctr, slot, 1) == n_blocks - 1 else 0
+        cuda.syncthreads()
+        if flag[0] != 0:
+            cuda.threadfence()
+            if cuda.threadIdx.x == 0:
+                ctr[slot] = 0  # every block has taken its ticket: ready for the next launch
+            return True
+        return False
+
+    @device
+    def grid_total(v, part, ctr, slot, out, buf, flag):
+        """out[0] = the sum of every thread's v over the grid (float64 inside)."""
+        t = RD.block_sum(v, buf)
+        if cuda.threadIdx.x == 0:
+            part[cuda.blockIdx.x] = t
+        if last_block_done(ctr, slot, flag):
+            t = ZERO
+            for b in range(cuda.threadIdx.x, cuda.gridDim.x, cuda.blockDim.x):
+                t += part[b]
+            t = RD.block_sum(t, buf)
+            if cuda.threadIdx.x == 0:
+                out[0] = t
+
+    return namespace(last_block_done=last_block_done, grid_total=grid_total)

@@ -4,42 +4,45 @@
 the logits' storage dtype for the main kernels (for cross entropy also a (logits, soft
 targets) pair: half logits with float32 probabilities), the accumulator dtype for the
 helpers, and a (source, destination) pair for ``convert``. ``all_specs()`` lists every combination gpuce can
-launch, for the PTX compile test and benchmarks/ptx_report.py.
+launch, for the PTX compile test and benchmarks/ptx_report.py. A main kernel's name ending in
+``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned).
 """
 from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, _INT_TYPES, ce_kernel, ce_signature,
                                  check_targets_kernel, check_targets_signature, convert_kernel,
-                                 convert_signature, rows_sum_kernel, rows_sum_signature,
-                                 stats_finish_signature, stats_signature, sum_finish_kernel,
-                                 sum_finish_signature, target_stats_finish_kernel,
-                                 target_stats_kernel)
+                                 convert_signature, stats_signature, target_stats_kernel)
 from .cuda_dtypes import DTYPES
 from .cuda_softmax import softmax_kernel, softmax_signature
 
 STRATEGIES = ("warp", "block_cached", "block", "split")
 HALF_SOFT = ("float16", "bfloat16")  # half logits also run with float32 soft targets
+VEC = "_vec"  # name suffix of the 128-bit variant (rows 16-byte aligned; see cuda_vec)
 _PARTS = ("warp", "warp_narrow", "block_cached", "block", "split_partial", "split_finish")
 
 
-def _bound(part):
-    return WARP_BLOCK if part.startswith("warp") else MAX_BLOCK
+def _bound(part, family="ce", dt=None):
+    """Launch bound: max threads per block, and for the softmax block kernels 2 resident
+    blocks per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
+    float64). Cross entropy's block kernels need more (80-96): a 64-register bound spills
+    ~100 bytes."""
+    if part.startswith("warp"):
+        return WARP_BLOCK
+    return (MAX_BLOCK, 2) if family == "softmax" and dt != "float64" else MAX_BLOCK
 
 
 def spec(name, key):
+    vec = name.endswith(VEC)
+    if vec:
+        name = name[:-len(VEC)]
     if name.startswith("softmax_"):
         part = name[len("softmax_"):]
-        return softmax_kernel(part, key), softmax_signature(key, part), _bound(part)
+        return (softmax_kernel(part, key, vec), softmax_signature(key, part, vec),
+                _bound(part, "softmax", key))
     if name == "ce_target_stats":
         return target_stats_kernel(key), stats_signature(key), MAX_BLOCK
-    if name == "ce_target_stats_finish":
-        return target_stats_finish_kernel(key), stats_finish_signature(key), MAX_BLOCK
     if name.startswith("ce_"):
         part = name[len("ce_"):]
         dt, qdt = key if isinstance(key, tuple) else (key, None)
-        return ce_kernel(part, dt, qdt), ce_signature(dt, part, qdt), _bound(part)
-    if name == "rows_sum":
-        return rows_sum_kernel(key), rows_sum_signature(key), MAX_BLOCK
-    if name == "rows_sum_finish":
-        return sum_finish_kernel(key), sum_finish_signature(key), MAX_BLOCK
+        return ce_kernel(part, dt, qdt, vec), ce_signature(dt, part, qdt, vec), _bound(part)
     if name == "check_targets":
         return check_targets_kernel(), check_targets_signature(), MAX_BLOCK
     if name == "convert":
@@ -49,13 +52,13 @@ def spec(name, key):
 
 def all_specs(main_only=False):
     """[(name, key)] for every kernel gpuce can launch."""
-    out = [(f"{fam}_{part}", dt) for fam in ("softmax", "ce") for part in _PARTS
-           for dt in DTYPES]
-    out += [(f"ce_{part}", (dt, "float32")) for part in _PARTS for dt in HALF_SOFT]
+    out = [(f"{fam}_{part}{v}", dt) for fam in ("softmax", "ce") for part in _PARTS
+           for dt in DTYPES for v in ("", VEC)]
+    out += [(f"ce_{part}{v}", (dt, "float32")) for part in _PARTS for dt in HALF_SOFT
+            for v in ("", VEC)]
     if main_only:
         return out
-    out += [(n, acc) for n in ("ce_target_stats", "ce_target_stats_finish", "rows_sum",
-                               "rows_sum_finish") for acc in ("float32", "float64")]
+    out += [("ce_target_stats", acc) for acc in ("float32", "float64")]
     out.append(("check_targets", None))
     out += [("convert", (a, b)) for a in DTYPES for b in DTYPES if a != b]
     out += [("convert", (i, "int64")) for i in _INT_TYPES if i != "int64"]

@@ -41,12 +41,16 @@ def rowmath(dt, qdt=None):
     device = cuda.jit(device=True, inline="always")
 
     @device
-    def logit(v, cap):
-        """A stored logit as the accumulator type, softcapped when cap > 0."""
-        z = load(v)
+    def capped(z, cap):
+        """The softcap: cap tanh(z / cap) when cap > 0 (z in the accumulator type)."""
         if cap > ZERO:
             z = cap * math.tanh(z / cap)
         return z
+
+    @device
+    def logit(v, cap):
+        """A stored logit as the accumulator type, softcapped when cap > 0."""
+        return capped(load(v), cap)
 
     @device
     def grad_factor(z, cap):
@@ -89,11 +93,16 @@ def rowmath(dt, qdt=None):
         return ZERO if m == NEG_INF else m
 
     @device
-    def class_weight(q, w, off, c, soft, weighted, keep, smooth):
-        """wq_c = w_c ((1-e) q_c + e/C) (q_c = 0 for hard targets)."""
+    def weight_of(qc, w, c, weighted, keep, smooth):
+        """wq_c = w_c ((1-e) q_c + e/C), q_c already loaded (0 for hard targets)."""
         wc = w[U(c)] if weighted else ONE
-        qc = qload(q[U(off + c)]) if soft else ZERO
         return wc * (keep * qc + smooth)
+
+    @device
+    def class_weight(q, w, off, c, soft, weighted, keep, smooth):
+        """wq_c read from the soft targets q at row offset ``off``."""
+        qc = qload(q[U(off + c)]) if soft else ZERO
+        return weight_of(qc, w, c, weighted, keep, smooth)
 
     @device
     def hard_target(tgt, row, live, n_cls, ignore_index):
@@ -153,21 +162,33 @@ def rowmath(dt, qdt=None):
         return loss, k_p, a_ce, a_ce * t_y
 
     @device
-    def grad(e, k_p, coef, gf):
+    def grad_value(e, k_p, coef, gf):
         """One gradient element in the accumulator type; the target's -1 is in coef, so
         it is applied before the single rounding to the storage dtype."""
-        return store((k_p * e - coef) * gf)
+        return (k_p * e - coef) * gf
 
     @device
-    def coef(c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep, smooth):
+    def grad(e, k_p, coef, gf):
+        return store(grad_value(e, k_p, coef, gf))
+
+    @device
+    def coef_of(c, y, k_q, k_y, dist, wq):
         r = ZERO
         if dist:
-            r = k_q * class_weight(q, w, off, c, soft, weighted, keep, smooth)
+            r = k_q * wq
         if c == y:
             r += k_y
         return r
 
-    return namespace(T=T, logit=logit, grad_factor=grad_factor, online=online,
+    @device
+    def coef(c, y, k_q, k_y, dist, q, w, off, soft, weighted, keep, smooth):
+        wq = ZERO
+        if dist:
+            wq = class_weight(q, w, off, c, soft, weighted, keep, smooth)
+        return coef_of(c, y, k_q, k_y, dist, wq)
+
+    return namespace(T=T, capped=capped, weight_of=weight_of, grad_value=grad_value,
+                     coef_of=coef_of, logit=logit, grad_factor=grad_factor, online=online,
                            dist_term=dist_term, rebase=rebase, finite_max=finite_max, class_weight=class_weight,
                            hard_target=hard_target, grad_scale=grad_scale, row_weights=row_weights,
                            divisors=divisors,

@@ -15,13 +15,16 @@ from .cuda_cross_entropy import U, WARP_SHAPES, warp_shape
 from .cuda_dtypes import array, traits
 from .cuda_reduce import reductions
 from .cuda_rowmath import rowmath
+from .cuda_vec import access, step_elems
 
 SOFTMAX, LOG_SOFTMAX, LOGSUMEXP = 0, 1, 2
 
 
-def softmax_signature(dt, kind):
+def softmax_signature(dt, kind, vec=False):
     T = traits(dt)
     st, acc = array(T.storage), array(T.acc)
+    if vec:  # the 128-bit variant reads and writes rows through int32 views
+        st = array(types.int32)
     i64 = types.int64
     if kind == "split_partial":
         return types.void(st, acc, i64, i64, i64)
@@ -31,13 +34,14 @@ def softmax_signature(dt, kind):
 
 
 @lru_cache(maxsize=None)
-def softmax_kernel(strategy, dt):
+def softmax_kernel(strategy, dt, vec=False):
     R = rowmath(dt)
     RD = reductions(R.T.acc_np)
     acc = R.T.acc
     NEG_INF, ZERO, ONE = R.NEG_INF, R.ZERO, R.ONE
     i64 = types.int64
-    load, store = R.load, R.store
+    K = step_elems(dt) if vec else 1  # elements per memory access
+    AX = access(dt, K)
 
     @cuda.jit(device=True, inline="always")
     def row_end(s, m):
@@ -46,144 +50,198 @@ def softmax_kernel(strategy, dt):
             return ONE / s, math.log(s)
         return ZERO, NEG_INF
 
+    @cuda.jit(device=True, inline="always")
+    def result(z_or_e, m, inv, log_s, mode, is_e):
+        """softmax from e = exp(z - m) (is_e) or z; log_softmax from z."""
+        if mode == SOFTMAX:
+            return z_or_e * inv if is_e else math.exp(z_or_e - m) * inv
+        return (z_or_e - m) - log_s
+
     if strategy in WARP_SHAPES:
         TPR, VPT = warp_shape(strategy, dt)
         LOG2 = TPR.bit_length() - 1
+        SPL = VPT // K
 
         def softmax_warp(x, out, lse, n_rows, n_cls, mode, unused):
             vals = cuda.local.array(VPT, acc)
+            sv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             lane = tid & (TPR - 1)
             per_block = i64(cuda.blockDim.x) >> LOG2
+            n_steps = n_cls // K
             for first in range(i64(cuda.blockIdx.x) * per_block, n_rows,
                                i64(cuda.gridDim.x) * per_block):
                 row = first + (tid >> LOG2)
                 live = row < n_rows
-                off = row * n_cls
+                rs = row * n_steps
                 m = NEG_INF
-                for j in range(VPT):
-                    c = j * TPR + lane
-                    z = NEG_INF
-                    if live and c < n_cls:
-                        z = load(x[U(off + c)])
-                    vals[j] = z
-                    if z > m:
-                        m = z
+                for j in range(SPL):
+                    s = j * TPR + lane
+                    if live and s < n_steps:
+                        AX.load(x, rs + s, sv)
+                    else:
+                        for k in range(K):
+                            sv[k] = NEG_INF
+                    for k in range(K):
+                        z = sv[k]
+                        vals[j * K + k] = z
+                        if z > m:
+                            m = z
                 m = R.finite_max(RD.warp_max(m, TPR))
-                s = ZERO
+                se = ZERO
                 for j in range(VPT):
                     e = math.exp(vals[j] - m)
-                    s += e
+                    se += e
                     if mode == SOFTMAX:
                         vals[j] = e
-                s = RD.warp_sum(s, TPR)
-                inv, log_s = row_end(s, m)
+                se = RD.warp_sum(se, TPR)
+                inv, log_s = row_end(se, m)
                 if not live:
                     continue
                 if mode == LOGSUMEXP:
                     if lane == 0:
                         lse[U(row)] = m + log_s
                     continue
-                for j in range(VPT):
-                    c = j * TPR + lane
-                    if c < n_cls:
-                        out[U(off + c)] = store(vals[j] * inv if mode == SOFTMAX
-                                                else (vals[j] - m) - log_s)
+                for j in range(SPL):
+                    s = j * TPR + lane
+                    if s < n_steps:
+                        for k in range(K):
+                            sv[k] = result(vals[j * K + k], m, inv, log_s, mode, True)
+                        AX.store(out, rs + s, sv)
         return softmax_warp
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
+        RAWC = cached and dt in ("float16", "bfloat16")  # half rows cached as stored
+        RAW = AX.RAW if RAWC else acc
+        NW = AX.NW if RAWC else 1
 
         def softmax_block(x, out, lse, n_rows, n_cls, mode, unused):
             cache = cuda.shared.array(0, acc)
+            cache_r = cuda.shared.array(0, RAW)
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
+            sv = cuda.local.array(K, acc)
+            rv = cuda.local.array(NW, RAW)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
+            n_steps = n_cls // K
             for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
-                off = row * n_cls
+                rs = row * n_steps
                 m = NEG_INF
-                s = ZERO
+                se = ZERO
                 if cached:
-                    for c in range(tid, n_cls, bd):
-                        z = load(x[U(off + c)])
-                        cache[U(c)] = z
-                        if z > m:
-                            m = z
+                    for s in range(tid, n_steps, bd):
+                        if RAWC:
+                            AX.raw(x, rs + s, rv)
+                            for j in range(NW):
+                                cache_r[U(s * NW + j)] = rv[j]
+                            AX.unpack_raw(rv, sv)
+                        else:
+                            AX.load(x, rs + s, sv)
+                        for k in range(K):
+                            z = sv[k]
+                            if not RAWC:
+                                cache[U(s * K + k)] = z
+                            if z > m:
+                                m = z
                     m = R.finite_max(RD.block_max(m, buf_m))
-                    for c in range(tid, n_cls, bd):
-                        e = math.exp(cache[U(c)] - m)
-                        s += e
-                        if mode == SOFTMAX:
-                            cache[U(c)] = e  # each thread only touches its own columns
-                    s = RD.block_sum(s, buf_s)
+                    for s in range(tid, n_steps, bd):
+                        if RAWC:
+                            for j in range(NW):
+                                rv[j] = cache_r[U(s * NW + j)]
+                            AX.unpack_raw(rv, sv)
+                        for k in range(K):
+                            c = s * K + k
+                            e = math.exp((sv[k] if RAWC else cache[U(c)]) - m)
+                            se += e
+                            if mode == SOFTMAX and not RAWC:
+                                cache[U(c)] = e  # each thread only touches its own columns
+                    se = RD.block_sum(se, buf_s)
                 else:
-                    for c in range(tid, n_cls, bd):
-                        m, s = R.online(m, s, load(x[U(off + c)]))
-                    m, s = RD.block_merge(m, s, buf_m, buf_s)
+                    for s in range(tid, n_steps, bd):
+                        AX.load(x, rs + s, sv)
+                        for k in range(K):
+                            m, se = R.online(m, se, sv[k])
+                    m, se = RD.block_merge(m, se, buf_m, buf_s)
                     m = R.finite_max(m)
-                inv, log_s = row_end(s, m)
+                inv, log_s = row_end(se, m)
                 if mode == LOGSUMEXP:
                     if tid == 0:
                         lse[U(row)] = m + log_s
                     continue
-                for c in range(tid, n_cls, bd):
-                    if cached:
-                        v = cache[U(c)] * inv if mode == SOFTMAX else (cache[U(c)] - m) - log_s
+                for s in range(tid, n_steps, bd):
+                    if RAWC:
+                        for j in range(NW):
+                            rv[j] = cache_r[U(s * NW + j)]
+                        AX.unpack_raw(rv, sv)
+                        for k in range(K):
+                            sv[k] = result(sv[k], m, inv, log_s, mode, False)
+                    elif cached:
+                        for k in range(K):
+                            sv[k] = result(cache[U(s * K + k)], m, inv, log_s, mode, True)
                     else:
-                        z = load(x[U(off + c)])
-                        v = math.exp(z - m) * inv if mode == SOFTMAX else (z - m) - log_s
-                    out[U(off + c)] = store(v)
+                        AX.load(x, rs + s, sv)
+                        for k in range(K):
+                            sv[k] = result(sv[k], m, inv, log_s, mode, False)
+                    AX.store(out, rs + s, sv)
         return softmax_block
 
     if strategy == "split_partial":
         def softmax_split_partial(x, ws, n_rows, n_cls, n_split):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
+            sv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
-            length = (n_cls + n_split - 1) // n_split
+            n_steps = n_cls // K
+            length = (n_steps + n_split - 1) // n_split
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
                 lo = (b - row * n_split) * length
-                off = row * n_cls
+                rs = row * n_steps
                 m = NEG_INF
-                s = ZERO
-                for c in range(lo + tid, min(n_cls, lo + length), bd):
-                    m, s = R.online(m, s, load(x[U(off + c)]))
-                m, s = RD.block_merge(m, s, buf_m, buf_s)
+                se = ZERO
+                for s in range(lo + tid, min(n_steps, lo + length), bd):
+                    AX.load(x, rs + s, sv)
+                    for k in range(K):
+                        m, se = R.online(m, se, sv[k])
+                m, se = RD.block_merge(m, se, buf_m, buf_s)
                 if tid == 0:
                     ws[U(2 * b)] = m
-                    ws[U(2 * b + 1)] = s
+                    ws[U(2 * b + 1)] = se
         return softmax_split_partial
 
     if strategy == "split_finish":
         def softmax_split_finish(x, out, lse, ws, n_rows, n_cls, mode, n_split):
+            sv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
-            length = (n_cls + n_split - 1) // n_split
+            n_steps = n_cls // K
+            length = (n_steps + n_split - 1) // n_split
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
                 chunk = b - row * n_split
                 if mode == LOGSUMEXP and chunk != 0:
                     continue
                 m = NEG_INF
-                s = ZERO
-                for k in range(n_split):  # a fixed order: every block gets the same bits
-                    m, s = RD.merge(m, s, ws[U(2 * (row * n_split + k))],
-                                    ws[U(2 * (row * n_split + k) + 1)])
+                se = ZERO
+                for kk in range(n_split):  # a fixed order: every block gets the same bits
+                    m, se = RD.merge(m, se, ws[U(2 * (row * n_split + kk))],
+                                     ws[U(2 * (row * n_split + kk) + 1)])
                 m = R.finite_max(m)
-                inv, log_s = row_end(s, m)
+                inv, log_s = row_end(se, m)
                 if mode == LOGSUMEXP:
                     if tid == 0:
                         lse[U(row)] = m + log_s
                     continue
-                off = row * n_cls
+                rs = row * n_steps
                 lo = chunk * length
-                for c in range(lo + tid, min(n_cls, lo + length), bd):
-                    z = load(x[U(off + c)])
-                    out[U(off + c)] = store(math.exp(z - m) * inv if mode == SOFTMAX
-                                            else (z - m) - log_s)
+                for s in range(lo + tid, min(n_steps, lo + length), bd):
+                    AX.load(x, rs + s, sv)
+                    for k in range(K):
+                        sv[k] = result(sv[k], m, inv, log_s, mode, False)
+                    AX.store(out, rs + s, sv)
         return softmax_split_finish
 
     raise KeyError(strategy)

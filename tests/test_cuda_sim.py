@@ -34,6 +34,14 @@ STRATEGY_CASES = {
     "split": ("split", 257),         # 4 chunks per row in the simulator
 }
 CASES = list(STRATEGY_CASES)
+# the same kernels' 128-bit variants: row lengths whose rows start on 16 bytes in every dtype
+ALIGNED_CASES = {
+    "warp_narrow": ("warp", 16),
+    "warp": ("warp", 96),
+    "block_cached": ("block_cached", 160),
+    "block": ("block", 208),
+    "split": ("split", 256),
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,11 +105,12 @@ def to_dev(a):
 
 def run_ce(logits, target, strategy, with_grad=True, **kw):
     dev = {k: to_dev(v) for k, v in kw.items()}
+    logits, target = to_dev(logits), to_dev(target)  # (device arrays pass as they are)
     with _cuda.force_strategy(strategy):
         if with_grad:
-            loss, grad = gpuce.cross_entropy_with_grad(KIND.to(logits), KIND.to(target), **dev)
+            loss, grad = gpuce.cross_entropy_with_grad(logits, target, **dev)
             return KIND.back(loss), KIND.back(grad)
-        return KIND.back(gpuce.cross_entropy(KIND.to(logits), KIND.to(target), **dev)), None
+        return KIND.back(gpuce.cross_entropy(logits, target, **dev)), None
 
 
 def make_logits(rng, shape, dt, scale=3.0):
@@ -188,6 +197,57 @@ def test_cross_entropy_dtypes(case, dt):
     ref_loss, ref_grad = ref_cross_entropy(x, q, reduction="none", label_smoothing=0.05)
     check_loss(loss, ref_loss, dt, "soft loss")
     check_array(grad, ref_grad, dt, "soft grad")
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("case", list(ALIGNED_CASES))
+def test_vectorized_variants(case, dt, monkeypatch):
+    """Rows that start on 16 bytes take the 128-bit kernels (int32 views, 4/8/2 values per
+    access); the same rows one element off their alignment (an offset view) take the scalar
+    ones. Both against the reference: loss, gradient in place and not, softmax family."""
+    strategy, n_cls = ALIGNED_CASES[case]
+    launched = []
+    real = _cuda._launch
+
+    def recording(name, *args):
+        launched.append(name)
+        return real(name, *args)
+    monkeypatch.setattr(_cuda, "_launch", recording)
+    rng = np.random.default_rng(abs(hash((case, dt, "vec"))) % 2**32)
+    opt = dict(OPTIONS["all_hard_mean"])
+    x, t, kw = build_case(rng, 3, n_cls, dt, opt)
+    ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
+    q = soft_targets(rng, x.shape, dt)
+    ref_sloss, ref_sgrad = ref_cross_entropy(x, q, reduction="none", label_smoothing=0.05)
+    for aligned in (True, False):
+        if aligned:
+            xd = KIND.to(x)
+        else:  # one element in: every row starts 2, 4 or 8 bytes off 16
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+            flat = KIND.to(np.concatenate([x.ravel()[:1], x.ravel()]))._ary
+            xd = FakeCUDAArray(flat[1:].reshape(x.shape))
+            assert xd.is_c_contiguous() and xd.__array_interface__["data"][0] % 16
+        launched.clear()
+        loss, grad = run_ce(xd, t, strategy, **kw)
+        vec = [n for n in launched if n.startswith("ce_") and n != "ce_target_stats"]
+        assert vec and all(n.endswith("_vec") == aligned for n in vec), launched
+        check_loss(loss, ref_loss, dt, f"loss aligned={aligned}")
+        check_array(grad, ref_grad, dt, f"grad aligned={aligned}")
+        with _cuda.force_strategy(strategy):
+            launched.clear()
+            sm = KIND.back(gpuce.softmax(xd))
+            assert all(n.endswith("_vec") == aligned for n in launched), launched
+        check_array(sm, ref_softmax(x), dt, f"softmax aligned={aligned}")
+    # the rest only on the 128-bit path (the scalar kernels have their own tests above)
+    loss, grad = run_ce(x, q, strategy, reduction="none", label_smoothing=0.05)
+    check_loss(loss, ref_sloss, dt, "soft loss")
+    check_array(grad, ref_sgrad, dt, "soft grad")
+    with _cuda.force_strategy(strategy):
+        xi = KIND.to(x)
+        gpuce.log_softmax(xi, out=xi)  # in place
+    check_array(KIND.back(xi), ref_log_softmax(x), dt, "log_softmax in place")
+    loss, grad = run_ce(KIND.to(x), t, strategy, inplace=True, **kw)
+    check_array(grad, ref_grad, dt, "grad in place")
 
 
 @pytest.mark.parametrize("dt", ["bfloat16", "float16"])
@@ -461,8 +521,10 @@ def test_dispatch_routes_simulator_arrays():
 
 
 def test_strategy_choice_and_forcing(monkeypatch):
-    dev = _cuda._device_info(0)
-    plan = _cuda._Plan
+    dev = _cuda._device_limits(0)
+
+    def plan(*args):
+        return _cuda._plan(*args)
     assert plan("ce", 4, 13, "float32", dev).part == "warp_narrow"
     assert plan("ce", 4, 77, "float32", dev).part == "warp"
     assert plan("ce", 4, 300, "float64", dev).part == "block_cached"
@@ -478,6 +540,34 @@ def test_strategy_choice_and_forcing(monkeypatch):
     monkeypatch.setenv("GPUCE_CUDA_STRATEGY", "nope")
     with pytest.raises(ValueError, match="GPUCE_CUDA_STRATEGY"):
         plan("ce", 4, 13, "float32", dev)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_mean_and_sum_launch_at_most_three_kernels(case, monkeypatch):
+    """The mean divisors and the total are folded into their producers (a last-block ticket,
+    then a fixed-order sum): at most 3 launches, and repeated calls give the same bits (the
+    ticket resets itself)."""
+    strategy, n_cls = STRATEGY_CASES[case]
+    launched = []
+    real = _cuda._launch
+
+    def recording(name, *args):
+        launched.append(name)
+        return real(name, *args)
+    monkeypatch.setattr(_cuda, "_launch", recording)
+    rng = np.random.default_rng(37)
+    for opt in ("weight_ignore_mean", "smooth_weight_sum"):
+        x, t, kw = build_case(rng, 5, n_cls, "float32", OPTIONS[opt])
+        ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
+        losses = []
+        for _ in range(2):
+            launched.clear()
+            loss, grad = run_ce(x, t, strategy, **kw)
+            assert 1 <= len(launched) <= 3, launched
+            losses.append(loss)
+        check_loss(losses[0], ref_loss, "float32", f"{opt} loss")
+        check_array(grad, ref_grad, "float32", f"{opt} grad")
+        assert losses[0].tobytes() == losses[1].tobytes()
 
 
 def test_simulated_shuffles():

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu,
 
 if HAVE_GPU:
     import gpuce
-    from gpuce import _cuda
+    from gpuce import _cuda, _cuda_arrays
     from numba import cuda
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
@@ -110,7 +110,7 @@ def test_non_default_stream_torch():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        assert _cuda._TorchLib(torch).stream(xd) != 0
+        assert _cuda_arrays._TorchLib(torch).stream(xd) != 0
         xd2 = xd * 1.0  # made on s: gpuce must be ordered after it
         loss, grad = gpuce.cross_entropy_with_grad(xd2, td, reduction="sum")
     s.synchronize()
@@ -198,9 +198,9 @@ def test_block_cached_beyond_48k_shared_memory():
     kind = _kind("cupy", "torch-cuda")
     rng = np.random.default_rng(7)
     x, t, _ = _case(rng, 64, 32768, "float32")  # 128 KiB of row per block
-    dev = _cuda._device_info(0)
-    plan = _cuda._Plan("ce", 64, 32768, "float32", dev)
-    if dev.smem_optin >= 32768 * 4:
+    dev = _cuda._device_limits(0)
+    plan = _cuda._plan("ce", 64, 32768, "float32", dev)
+    if dev.max_shared_per_block_optin >= 32768 * 4:
         assert plan.part == "block_cached", "could not opt in to large shared memory"
     loss, grad = gpuce.cross_entropy_with_grad(kind.to(x), kind.to(t))
     ref_loss, ref_grad = ref_cross_entropy(x, t)
@@ -228,10 +228,44 @@ def test_gpu_half_rounding_is_exact(dt):
                            np.array([1 + 2**-8, 1 + 3 * 2**-8, 65520.0, 3.4e38, -0.0, np.inf,
                                      np.nan], np.float32)])
     be = _cuda.CudaBackend()
-    lib, xd = _cuda._lib_for(kind.to(vals))
+    lib, xd = _cuda_arrays._lib_for(kind.to(vals))
     got = be._converted(xd, dt, None, lib.stream(xd)).copy_to_host().view(DTYPES[dt])
     with np.errstate(all="ignore"):
         want = vals.astype(DTYPES[dt])
     nan = np.isnan(want.astype(np.float32))
     assert (np.isnan(got.astype(np.float32)) == nan).all()
     assert (got.view(np.uint16)[~nan] == want.view(np.uint16)[~nan]).all()
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("strategy", ["warp", "block_cached", "block", "split"])
+def test_unaligned_rows_take_the_scalar_kernels(strategy, dt, monkeypatch):
+    """An offset view (every row 2-8 bytes off 16) runs the scalar kernels, an aligned copy
+    the 128-bit ones; both match the reference."""
+    torch = pytest.importorskip("torch")
+    n, c = (64, 256) if strategy == "warp" else (16, 20000)
+    rng = np.random.default_rng(41)
+    x, t, _ = _case(rng, n, c, dt)
+    launched = []
+    real = _cuda._launch
+
+    def recording(name, *args):
+        launched.append(name)
+        return real(name, *args)
+    monkeypatch.setattr(_cuda, "_launch", recording)
+    kind = KINDS.get("torch-cuda") or pytest.skip("needs CUDA torch")
+    xa = kind.to(x)
+    flat = torch.empty(n * c + 1, dtype=xa.dtype, device="cuda")
+    xo = flat[1:].view(n, c)
+    xo.copy_(xa)
+    ref_loss, ref_grad = ref_cross_entropy(x, t, reduction="none", label_smoothing=0.1)
+    for xd, vec in ((xa, True), (xo, False)):
+        launched.clear()
+        with _cuda.force_strategy(strategy):
+            loss, grad = gpuce.cross_entropy_with_grad(xd, kind.to(t), reduction="none",
+                                                       label_smoothing=0.1)
+            sm = gpuce.softmax(xd)
+        assert all(k.endswith("_vec") == vec for k in launched if k.startswith(("ce_", "softmax_"))), launched
+        check_loss(kind.back(loss), ref_loss, dt, f"loss vec={vec}")
+        check_array(kind.back(grad), ref_grad, dt, f"grad vec={vec}")
+        check_array(kind.back(sm), ref_softmax(x), dt, f"softmax vec={vec}")

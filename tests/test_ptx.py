@@ -5,6 +5,7 @@ The kernels are compiled once per session, in a process pool (one worker per CPU
 test reads its kernel's result.
 """
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -31,6 +32,8 @@ def _build(spec):
         for cc, ptx in cuda_ptx.compile_ptx(name, key).items():
             _, res = cuda_ptx.ptxas(ptx, cc)
             res["maxntid"] = ".maxntid" in ptx
+            res["loops"] = cuda_ptx.streaming_loops(ptx)
+            res["half_scalar"] = len(re.findall(r"(ld|st)\.global\.[bu]16", ptx))
             out[cc] = res
         return out
     except Exception as exc:  # reported by the test of that kernel
@@ -63,12 +66,54 @@ def test_compiles_without_spills(resources, spec):
             assert r["stack"] == 0, f"{where}: the row is not held in registers"
 
 
+# Static PTX instructions per element of a 128-bit streaming loop, sm_90: every path of the
+# loop body counted (the online-softmax rescale, -inf rows, each mode), divided by the values
+# one trip moves -- an upper bound on what a trip issues, kept as a regression guard. The
+# softmax family's loops, and cross entropy's first pass over the row (block_cached: its loop
+# without other global accesses). For scale: at copy speed an H100 issues about 40
+# instructions per bf16 element and 80 per fp32 element of a loss+gradient pass (GUIDE 5);
+# benchmarks/roofline.py counts the SASS of the path a call takes.
+BUDGET_SOFTMAX = {"float16": 64, "bfloat16": 64, "float32": 64, "float64": 160}
+BUDGET_CE_FIRST_PASS = {"float16": 40, "bfloat16": 40, "float32": 40, "float64": 120}
+VEC_SPECS = [s for s in SPECS if s[0].endswith("_vec")]
+
+
+def _elems(key):
+    dt = key[0] if isinstance(key, tuple) else key
+    return {"float16": 8, "bfloat16": 8, "float32": 4, "float64": 2}[dt]
+
+
+@pytest.mark.parametrize("spec", VEC_SPECS, ids=_label)
+def test_vectorized_kernels_stream_128_bits(resources, spec):
+    """Aligned variants: the row streams with ld.global.v4 (and st.global.v4 where the kernel
+    writes rows), no 16-bit global access anywhere, instructions per element in budget."""
+    res = resources[spec]
+    assert not isinstance(res, str), res
+    loops = res[(9, 0)]["loops"]
+    name = spec[0]
+    assert any(v4_ld for _, v4_ld, _, _, _ in loops), f"{spec}: no 128-bit load loop: {loops}"
+    if not name.startswith(("ce_split_partial", "softmax_split_partial")):
+        assert any(v4_st for _, _, v4_st, _, _ in loops), f"{spec}: no 128-bit store: {loops}"
+    assert res[(9, 0)]["half_scalar"] == 0, f"{spec}: 16-bit global accesses left"
+    k = _elems(spec[1])
+    dt = spec[1][0] if isinstance(spec[1], tuple) else spec[1]
+    for n, v4_ld, v4_st, ld, st in loops:
+        if not (v4_ld or v4_st):
+            continue
+        per_elem = n / (k * max(1, v4_ld if not v4_st else v4_st))
+        if name.startswith("softmax"):
+            assert per_elem <= BUDGET_SOFTMAX[dt], f"{spec}: {per_elem:.1f} instructions/element"
+    if name.startswith("ce_block_cached"):
+        first = [n / k for n, v4_ld, v4_st, ld, st in loops if v4_ld == 1 and not (v4_st or ld or st)]
+        assert first and min(first) <= BUDGET_CE_FIRST_PASS[dt], f"{spec}: {loops}"
+
+
 def test_every_kernel_is_listed():
     names = {name for name, _ in SPECS}
     for fam in ("softmax", "ce"):
         for part in ("warp", "warp_narrow", "block_cached", "block", "split_partial",
                      "split_finish"):
-            assert f"{fam}_{part}" in names
+            assert f"{fam}_{part}" in names and f"{fam}_{part}_vec" in names
     for dt in ("float16", "bfloat16", "float32", "float64"):
         assert ("ce_warp", dt) in SPECS and ("softmax_split_finish", dt) in SPECS
     assert ("ce_split_partial", ("bfloat16", "float32")) in SPECS

@@ -1,0 +1,223 @@
+"""The CUDA strategy and launch plan, as a table: pure Python, no numba.cuda, no GPU needed.
+
+``plan_for(n_rows, n_cls, dtype_name, device)`` picks the kernel and its launch shape for
+n_rows x n_cls logits; the backend (gpuce/_cuda.py) launches it, and benchmarks/roofline.py
+reads the same plan to model a device it does not have.
+
+Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_entropy.py):
+
+| strategy     | when                                   | threads/block       | shared memory  |
+|--------------|----------------------------------------|---------------------|----------------|
+| warp_narrow  | C <= 32 (float64: 16)                  | 256 (4 lanes a row) | 0              |
+| warp         | C <= 512 (float64: 256)                | 256 (a warp a row)  | 0              |
+| split        | rows < SMs and C >= 16384              | pow2(C/8) in 128..512 | 0            |
+| block_cached | the row (storage dtype) fits in the opt-in shared memory | as split | C x item bytes |
+| block        | any C                                  | as split            | 0              |
+
+Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; softmax block kernels
+(512 threads, 2 blocks per SM: <= 64 registers, no spills; float64 1); cross-entropy block kernels 512
+threads (80-96 registers: one 512-thread block per SM; a 2-block bound spills).
+
+Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4 fp32, 8
+fp16/bf16 or 2 fp64 values), taken when every row of the logits, gradient/output and soft
+targets starts on 16 bytes (row bytes a multiple of 16, aligned base pointers); otherwise
+the scalar kernel runs (e.g. C = 50257, or an offset view).
+
+``block_cached`` falls back to ``block`` when the kernel cannot opt in to that much shared
+memory (the backend asks the driver). Every kernel loops over its rows with a grid stride,
+so grids are capped at 64 blocks per SM.
+"""
+from dataclasses import dataclass, field, replace
+
+STRATEGIES = ("warp", "block_cached", "block", "split")
+WARP_BLOCK = 256          # threads per block of the warp kernels (their launch bound)
+MAX_BLOCK = 512           # most threads per block of the other kernels (launch bound)
+SIM_BLOCK = 64            # threads per block under the simulator (each one a Python thread)
+SPLIT_MIN_C = 16384       # split a row across blocks only when it is this long ...
+STATIC_SMEM = 48 * 1024   # shared memory a block gets without opting in
+SMEM_BUFFERS = 2048       # static shared memory of the kernels (ptxas: at most ~1.6 KiB)
+GRID_PER_SM = 64          # grid cap: blocks per SM (grid-stride loops cover the rest)
+VEC = "_vec"              # kernel name suffix of the 128-bit variant (kernels/cuda_vec.py)
+VEC_BYTES = 16
+
+# warp kernels: part -> (lanes per row, values per lane held in registers; float64 half)
+WARP_SHAPES = {
+    "warp": (32, 16),
+    "warp_narrow": (4, 8),   # C <= 32: eight rows per warp, enough bytes in flight
+}
+
+_ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What the plan needs to know about a GPU (cudaDeviceProp names in the comments)."""
+    sm_count: int                      # multiProcessorCount
+    max_shared_per_block_optin: int    # sharedMemPerBlockOptin
+    shared_per_sm: int                 # sharedMemPerMultiprocessor
+    regs_per_sm: int                   # regsPerMultiprocessor
+    max_threads_per_sm: int            # maxThreadsPerMultiProcessor
+    cc: tuple                          # (major, minor)
+    simulated: bool = False            # numba's simulator: tiny blocks and grids
+
+    @property
+    def max_grid(self):
+        return 3 if self.simulated else self.sm_count * GRID_PER_SM
+
+    @classmethod
+    def h100(cls):
+        """H100 SXM (sm_90): 132 SMs, 227 KiB opt-in shared memory per block."""
+        return cls(132, 227 * 1024, 228 * 1024, 65536, 2048, (9, 0))
+
+    @classmethod
+    def h200(cls):
+        return cls.h100()  # the same SM and count; only HBM differs
+
+    @classmethod
+    def simulator(cls):
+        return cls(2, STATIC_SMEM, STATIC_SMEM, 65536, 2048, (9, 0), simulated=True)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    family: str            # "ce" or "softmax"
+    strategy: str          # one of STRATEGIES
+    part: str              # kernel variant: warp, warp_narrow, block_cached, block, split
+    kernel: str            # cuda_registry name of the (first) kernel launched
+    key: object            # cuda_registry key: the logits' dtype (or (dtype, soft dtype))
+    grid: int
+    block: int             # threads per block
+    shared_bytes: int      # dynamic shared memory per block
+    n_split: int = 0       # blocks per row (split)
+    vectorized: bool = False   # the 128-bit (16-byte aligned rows) variant
+    kernels: tuple = field(default=())  # every kernel name launched, in order
+    launch_bound: int = MAX_BLOCK       # max threads per block compiled into the kernel
+    min_blocks: int = 1    # resident blocks per SM the launch bound asks of the compiler
+
+
+def warp_capacity(part, dt):
+    lanes, per_lane = warp_shape(part, dt)
+    return lanes * per_lane
+
+
+def warp_shape(part, dt):
+    """(lanes per row, values per lane) of a warp kernel; float64 holds half as many."""
+    lanes, per_lane = WARP_SHAPES[part]
+    return lanes, (per_lane // 2 if dt == "float64" else per_lane)
+
+
+def _pow2ceil(n):
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def auto_strategy(n_rows, n_cls, dt, device):
+    """The strategy table above, as code."""
+    if n_cls <= warp_capacity("warp", dt):
+        return "warp"
+    if n_rows < device.sm_count and n_cls >= SPLIT_MIN_C:
+        return "split"
+    if cached_bytes(n_cls, dt) + SMEM_BUFFERS <= device.max_shared_per_block_optin:
+        return "block_cached"
+    return "block"
+
+
+def cached_bytes(n_cls, dt):
+    """Dynamic shared memory of block_cached: the row as stored (half rows stay 2 bytes a
+    value, so rows up to ~110k fit in an H100's 227 KiB)."""
+    return n_cls * _ITEM_BYTES[dt]
+
+
+def block_threads(n_cls, device):
+    if device.simulated:
+        return SIM_BLOCK
+    return int(min(MAX_BLOCK, max(128, _pow2ceil(n_cls // 8))))
+
+
+def plan_for(n_rows, n_cls, dtype_name, device, family="ce", key=None, strategy=None,
+             aligned=None):
+    """The LaunchPlan for n_rows x n_cls logits of ``dtype_name`` on ``device``.
+    ``strategy`` forces one (ValueError if it cannot hold the row); ``key`` defaults to the
+    dtype (cross entropy with half logits and float32 soft targets passes (dt, "float32")).
+    ``aligned``: every row (and output row) starts on 16 bytes, so the 128-bit variant
+    (kernel names ending in ``_vec``) runs; None assumes freshly allocated arrays (aligned
+    when C x element size is a multiple of 16)."""
+    dt = dtype_name
+    if aligned is None:
+        aligned = row_aligned(n_cls, dt)
+    plan = _plan(n_rows, n_cls, dt, device, family, key, strategy)
+    if not aligned:
+        return plan
+    names = tuple(n + VEC for n in plan.kernels)
+    return replace(plan, kernel=names[0], kernels=names, vectorized=True)
+
+
+def row_aligned(n_cls, dt, *pointers):
+    """Do rows of n_cls ``dt`` values starting at these addresses all start on 16 bytes?"""
+    return (n_cls * _ITEM_BYTES[dt]) % VEC_BYTES == 0 and all(p % VEC_BYTES == 0
+                                                             for p in pointers)
+
+
+def _plan(n_rows, n_cls, dt, device, family, key, strategy):
+    key = dt if key is None else key
+    forced = strategy
+    strategy = forced or auto_strategy(n_rows, n_cls, dt, device)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
+    if strategy == "warp":
+        cap = warp_capacity("warp", dt)
+        if n_cls > cap:
+            raise ValueError(f"strategy: warp holds rows of at most {cap} {dt} values, "
+                             f"got {n_cls}")
+        part = "warp_narrow" if n_cls <= warp_capacity("warp_narrow", dt) else "warp"
+        lanes, _ = warp_shape(part, dt)
+        block = SIM_BLOCK if device.simulated else WARP_BLOCK
+        grid = max(1, min(-(-n_rows // (block // lanes)), device.max_grid))
+        name = f"{family}_{part}"
+        return LaunchPlan(family, "warp", part, name, key, grid, block, 0, kernels=(name,),
+                          launch_bound=WARP_BLOCK)
+    block = block_threads(n_cls, device)
+    if strategy == "block_cached":
+        shared = cached_bytes(n_cls, dt)
+        if shared + SMEM_BUFFERS > (STATIC_SMEM if device.simulated
+                                    else device.max_shared_per_block_optin):
+            if forced:
+                raise ValueError(f"strategy: block_cached cannot hold {n_cls} {dt} values "
+                                 f"per row in shared memory on this device")
+            strategy = "block"
+        else:
+            name = f"{family}_block_cached"
+            return LaunchPlan(family, strategy, strategy, name, key,
+                              max(1, min(n_rows, device.max_grid)), block, shared,
+                              kernels=(name,), min_blocks=_min_blocks(family, dt))
+    if strategy == "split":
+        if device.simulated:
+            n_split = int(min(4, max(2, -(-n_cls // 64))))
+        else:
+            most = max(2, n_cls // (block * 8))  # chunks of >= 8 values per thread
+            n_split = int(min(most, 1024, max(2, -(-2 * device.sm_count // max(n_rows, 1)))))
+        names = (f"{family}_split_partial", f"{family}_split_finish")
+        return LaunchPlan(family, "split", "split", names[0], key,
+                          max(1, min(n_rows * n_split, device.max_grid)), block, 0,
+                          n_split=n_split, kernels=names, min_blocks=_min_blocks(family, dt))
+    name = f"{family}_block"
+    return LaunchPlan(family, "block", "block", name, key, max(1, min(n_rows, device.max_grid)),
+                      block, 0, kernels=(name,), min_blocks=_min_blocks(family, dt))
+
+
+def _min_blocks(family, dt):
+    """kernels/cuda_registry.py's launch bound: softmax block kernels fit 2 x 512 threads
+    (not in float64)."""
+    return 2 if family == "softmax" and dt != "float64" else 1
+
+
+def resident_blocks(plan, device, registers_per_thread=None):
+    """Blocks of ``plan`` resident on one SM, limited by threads, shared memory and (when
+    known, e.g. from ptxas) registers."""
+    by_threads = device.max_threads_per_sm // plan.block
+    by_smem = (device.shared_per_sm // (plan.shared_bytes + SMEM_BUFFERS)
+               if plan.shared_bytes else by_threads)
+    n = min(by_threads, by_smem, 32)
+    if registers_per_thread:
+        regs = -(-registers_per_thread // 8) * 8  # allocated per warp in units of 256
+        n = min(n, device.regs_per_sm // (regs * plan.block))
+    return n
