@@ -1,0 +1,114 @@
+"""Microseconds per call for tiny shapes: gpuce against torch, on the CPU (fp32).
+
+    python benchmarks/overhead.py [--shapes 32x10,256x10] [--out benchmarks/results/overhead.md]
+
+Each figure is the median over rounds of the mean time of many back-to-back calls, every
+column of a row taken in the same run. The CUDA host path is timed by
+benchmarks/overhead_cuda.py (launches recorded, not executed), appended when present.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def per_call_us(fn, min_time=0.05, rounds=7):
+    fn()
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_time / rounds:
+            break
+        n *= 2
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times) * 1e6
+
+
+def cases(n, c):
+    import torch
+    import torch.nn.functional as F
+
+    import gpuce
+    import gpuce.torch as gt
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, c), dtype=np.float32)
+    y = rng.integers(0, c, n)
+    xt, yt = torch.from_numpy(x.copy()), torch.from_numpy(y)
+    leaf_g, leaf_t = xt.clone().requires_grad_(), xt.clone().requires_grad_()
+
+    def gpuce_fwd_bwd():
+        leaf_g.grad = None
+        gt.cross_entropy(leaf_g, yt).backward()
+
+    def torch_fwd_bwd():
+        leaf_t.grad = None
+        F.cross_entropy(leaf_t, yt).backward()
+
+    def torch_ce_with_grad():  # the closest torch has: loss and grad by autograd.grad
+        a = xt.requires_grad_()
+        loss = F.cross_entropy(a, yt)
+        torch.autograd.grad(loss, a)
+        xt.requires_grad_(False)
+
+    return [
+        ("softmax", lambda: gpuce.softmax(x), lambda: torch.softmax(xt, -1)),
+        ("log_softmax", lambda: gpuce.log_softmax(x), lambda: torch.log_softmax(xt, -1)),
+        ("cross_entropy", lambda: gpuce.cross_entropy(x, y), lambda: F.cross_entropy(xt, yt)),
+        ("cross_entropy_with_grad", lambda: gpuce.cross_entropy_with_grad(x, y),
+         torch_ce_with_grad),
+        ("gpuce.torch fwd+bwd", gpuce_fwd_bwd, torch_fwd_bwd),
+    ]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="32x10,256x10,32x1000")
+    p.add_argument("--threads", type=int, default=None, help="torch/numba threads (default: all)")
+    p.add_argument("--out", default=None, help="also write the markdown here")
+    args = p.parse_args(argv)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        import numba
+        numba.set_num_threads(args.threads)
+    lines = ["| N × C | call | gpuce µs | torch µs | gpuce / torch |", "|---|---|---:|---:|---:|"]
+    for shape in args.shapes.split(","):
+        n, c = (int(v) for v in shape.split("x"))
+        for name, ours, theirs in cases(n, c):
+            a, b = per_call_us(ours), per_call_us(theirs)
+            lines.append(f"| {n} × {c} | {name} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+            print(lines[-1], flush=True)
+    text = ("## CPU, fp32 (torch " + torch.__version__ + ", " +
+            str(torch.get_num_threads()) + " threads)\n\n" + "\n".join(lines) + "\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    cuda_script = os.path.join(here, "overhead_cuda.py")
+    if os.path.exists(cuda_script):
+        res = subprocess.run([sys.executable, cuda_script], capture_output=True, text=True)
+        text += "\n## CUDA host path (launches recorded)\n\n" + res.stdout
+        if res.returncode:
+            text += f"\n(overhead_cuda.py failed, exit {res.returncode}: {res.stderr[-2000:]})\n"
+    else:
+        text += "\n## CUDA host path\n\nbenchmarks/overhead_cuda.py is absent: not measured.\n"
+    print()
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# Per-call overhead (`python benchmarks/overhead.py`)\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
