@@ -73,9 +73,45 @@ def cases(n, c):
     ]
 
 
+def autograd_rows(shapes):
+    """gpuce.torch fwd+bwd against torch's and against the raw fused call, same run."""
+    import torch
+    import torch.nn.functional as F
+
+    import gpuce
+    import gpuce.torch as gt
+    lines = ["| N × C | gpuce.torch ms | torch ms | raw gpuce ms | torch / gpuce.torch "
+             "| gpuce.torch / raw |", "|---|---:|---:|---:|---:|---:|"]
+    for shape in shapes.split(","):
+        n, c = (int(v) for v in shape.split("x"))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, c, generator=g)
+        y = torch.randint(0, c, (n,), generator=g)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+        def ours():
+            a.grad = None
+            gt.cross_entropy(a, y).backward()
+
+        def theirs():
+            b.grad = None
+            F.cross_entropy(b, y).backward()
+
+        def raw():
+            gpuce.cross_entropy_with_grad(x, y)
+
+        t = [per_call_us(f, min_time=1.0, rounds=5) / 1e3 for f in (ours, theirs, raw)]
+        lines.append(f"| {n} × {c} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t[1] / t[0]:.2f}× "
+                     f"| {t[0] / t[2]:.2f}× |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="32x10,256x10,32x1000")
+    p.add_argument("--autograd-shapes", default="2048x4096,8192x1000,1024x8192,512x32000",
+                   help="gpuce.torch fwd+bwd vs torch vs the raw fused call ('' to skip)")
     p.add_argument("--threads", type=int, default=None, help="torch/numba threads (default: all)")
     p.add_argument("--out", default=None, help="also write the markdown here")
     args = p.parse_args(argv)
@@ -93,6 +129,9 @@ def main(argv=None):
             print(lines[-1], flush=True)
     text = ("## CPU, fp32 (torch " + torch.__version__ + ", " +
             str(torch.get_num_threads()) + " threads)\n\n" + "\n".join(lines) + "\n")
+    if args.autograd_shapes:
+        text += ("\n## gpuce.torch forward+backward at training shapes (fp32, "
+                 "`loss.backward()`)\n\n" + "\n".join(autograd_rows(args.autograd_shapes)) + "\n")
     here = os.path.dirname(os.path.abspath(__file__))
     cuda_script = os.path.join(here, "overhead_cuda.py")
     if os.path.exists(cuda_script):
