@@ -62,7 +62,7 @@ def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("smal
     targets = ("hard", "soft") if soft_targets else ("hard",)
     if device == "cpu":
         from ._cpu import SERIAL_BELOW
-        shapes = {"small": (4, 16), "large": (max(1, SERIAL_BELOW // 64), 64)}
+        shapes = {"small": (4, 64), "large": (max(1, SERIAL_BELOW // 64), 64)}
         shapes = [(size, shapes[size]) for size in sizes]
         to_device, strategies = (lambda a: a), [(None, shape) for _, shape in shapes]
         labels = [size for size, _ in shapes]

@@ -156,3 +156,23 @@ def test_warmup_cli_fills_the_cache_a_later_process_hits(tmp_path):
                                       capture_output=True, text=True).stdout)
     assert later["softmax_hits"] >= 1 and later["softmax_misses"] == 0
     assert later["log_softmax_hits"] >= 1 and later["log_softmax_misses"] == 0
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
+                    reason="the CUDA warm-up runs here under the simulator "
+                           "(NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/test_cache.py -k cuda)")
+def test_cuda_warmup_calls_every_strategy_through_the_public_api(monkeypatch):
+    import gpuce
+    from gpuce import _cuda, _warmup
+    seen = []
+    real = _cuda.CudaBackend.softmax
+
+    def recording(self, x, axis, dt, out, log):
+        seen.append((_cuda._forced_strategy(), tuple(x.shape), dt))
+        return real(self, x, axis, dt, out, log)
+
+    monkeypatch.setattr(_cuda.CudaBackend, "softmax", recording)
+    labels = gpuce.warmup("cuda", ("float32",), ("softmax",))
+    assert labels == [f"float32 softmax {s}" for s in _warmup._CUDA_ROWS]
+    assert [s for s, _, _ in seen] == list(_warmup._CUDA_ROWS)
+    assert all(dt == "float32" for _, _, dt in seen)
