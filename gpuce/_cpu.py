@@ -18,8 +18,10 @@ def _torch():
 
 
 def _is_cpu_tensor(x):
+    if type(x) is np.ndarray:  # the common case, without a look at torch
+        return False
     torch = _torch()
-    return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cpu"
+    return torch is not None and isinstance(x, torch.Tensor) and x.is_cpu
 
 
 def _numpy_dtype(dt):
