@@ -33,8 +33,17 @@ import gpuce
 rng = np.random.default_rng(0)
 x = rng.standard_normal({shape}).astype({dtype})
 y = rng.integers(0, {shape}[-1], {shape}[:-1])
+if {cuda}:  # numba device arrays: every numba-cuda install has them (bf16 as raw words)
+    from numba import cuda
+    dt = x.dtype
+    x = (cuda.to_device(x.view(np.int16)).view(dt) if dt.itemsize == 2 and dt.kind == "V"
+         else cuda.to_device(x))
+    y = cuda.to_device(y)
+    cuda.synchronize()
 t, c = time.perf_counter(), time.process_time()
 {call}
+if {cuda}:
+    cuda.synchronize()
 print(json.dumps({{"s": time.perf_counter() - t, "cpu": time.process_time() - c}}))
 """
 
@@ -62,11 +71,11 @@ def _env(tree, cache_dir):
     return env
 
 
-def measure(tree, repeat):
+def measure(tree, repeat, device="cpu"):
     """{case: (cold s, warm s)} for the gpuce in ``tree``."""
     res = {}
     for name, shape, dtype, call in CASES:
-        code = CALL_CHILD.format(shape=shape, dtype=dtype, call=call)
+        code = CALL_CHILD.format(shape=shape, dtype=dtype, call=call, cuda=device == "cuda")
         cold, warm = [], []
         for _ in range(repeat):
             with tempfile.TemporaryDirectory(prefix="gpuce-startup-") as d:
@@ -81,6 +90,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--baseline", default=None, help="another gpuce tree to compare against")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the first calls on numba device arrays (a GPU machine)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: the child's CPU time (all threads), for a loaded machine")
     p.add_argument("--out", default=None, help="also write the markdown here")
@@ -94,15 +105,15 @@ def main(argv=None):
                    for name, stmt in (("import numpy, numba", "import numpy, numba"),
                                       ("import gpuce", "import gpuce"))}
     print("first calls (this tree):", flush=True)
-    ours = measure(ROOT, args.repeat)
+    ours = measure(ROOT, args.repeat, args.device)
     base = None
     if args.baseline:
         print(f"first calls ({args.baseline}):", flush=True)
-        base = measure(os.path.abspath(args.baseline), args.repeat)
+        base = measure(os.path.abspath(args.baseline), args.repeat, args.device)
     lines = ["| import | seconds |", "|---|---:|"]
     lines += [f"| `{k}` | {v:.2f} |" for k, v in imports.items()]
     lines.append(f"| difference | {imports['import gpuce'] - imports['import numpy, numba']:.2f} |")
-    lines += ["", "| first call in a fresh process | cold s | warm s |"
+    lines += ["", f"| first call in a fresh process ({args.device}) | cold s | warm s |"
               + (" baseline cold s | baseline warm s |" if base else ""),
               "|---|---:|---:|" + ("---:|---:|" if base else "")]
     for name, (cold, warm) in ours.items():
