@@ -110,3 +110,15 @@ def test_autograd_grad_twice_on_one_graph():
     b = x.clone().requires_grad_()
     (F.cross_entropy(b, y, reduction="none") * 2.0).sum().backward()
     torch.testing.assert_close(torch.stack(rows), b.grad)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_three_backwards_with_grad_output_one_accumulate_exactly(inplace):
+    # the saved gradient handed out as is must not become the .grad that later backwards
+    # accumulate into (that would double it behind autograd's back)
+    x, y = _data(seed=6)
+    a = x.clone().requires_grad_()
+    loss = gt.cross_entropy(a * 1.0 if inplace else a, y, inplace=inplace)
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    torch.testing.assert_close(a.grad, 3 * _reference_grad(x, y, lambda l: l))
