@@ -60,7 +60,8 @@ CASES = [
 
 
 def _run(code, env):
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+    # cwd: the tree itself, since `python -c` puts the working directory first on sys.path
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=env["PYTHONPATH"],
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])[CLOCK]
 
