@@ -112,6 +112,26 @@ def _launch(rows, dt, softcap, target_dt, name, *args):
         return _kernels(dt, softcap, target_dt)[name](*args, *_launch_shape(rows))
 
 
+def _small_ok(req, dt, n_cls, inplace, eps, zl):
+    """Whether the short-row kernel (C a compile-time constant) covers this call."""
+    return (n_cls <= _SMALL_MAX_C and dt in ("float32", "float64") and not inplace
+            and req.softcap is None and eps == 0 and zl == 0)
+
+
+_SMALL_MAX_C = 32
+
+
+def _launch_small(rows, dt, *args):
+    from .kernels import cpu_small
+    n_rows, n_cls = rows.shape
+    serial = rows.size < SERIAL_BELOW
+    n_threads = 1 if serial else numba.get_num_threads()
+    per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, n_threads)
+    kernel = cpu_small.make_ce_hard_small(dt, n_cls, not serial)
+    with _threads_for(rows):
+        kernel(rows, *args, per_block, tasks)
+
+
 class CpuBackend:
     name = "cpu"
 
@@ -210,7 +230,10 @@ class CpuBackend:
                             weight, go, go_step, inv_ce, eps, zl, cap, loss_rows, req.want_grad)
             else:
                 w_sum = acc(n_cls) if req.weight is None else acc(weight.sum(dtype=np.float64))
-                if inplace:
+                if _small_ok(req, dt, n_cls, inplace, eps, zl):
+                    _launch_small(rows, dt, grad_rows, tgt, weight, go, go_step, inv_ce,
+                                  req.ignore_index, loss_rows, req.want_grad)
+                elif inplace:
                     _launch(rows, dt, req.softcap, None, "ce_hard_inplace", rows, tgt, weight,
                             w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, req.ignore_index,
                             loss_rows)

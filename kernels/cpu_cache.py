@@ -23,7 +23,7 @@ import llvmlite
 import numba
 from numba.core import caching
 
-_SOURCES = ("cpu.py", "cpu_math.py", "cpu_cache.py")
+_SOURCES = ("cpu.py", "cpu_math.py", "cpu_cache.py", "cpu_small.py")
 ENABLED = os.environ.get("GPUCE_DISK_CACHE", "1") != "0"
 
 
