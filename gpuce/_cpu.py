@@ -122,14 +122,22 @@ _SMALL_MAX_C = 32
 
 
 def _launch_small(rows, dt, *args):
-    from .kernels import cpu_small
+    """Run the short-row kernel; like _launch, small calls take its serial build."""
     n_rows, n_cls = rows.shape
-    serial = rows.size < SERIAL_BELOW
-    n_threads = 1 if serial else numba.get_num_threads()
-    per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, n_threads)
-    kernel = cpu_small.make_ce_hard_small(dt, n_cls, not serial)
+    make = _small_factory()
+    if rows.size < SERIAL_BELOW:
+        per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, 1)
+        return make(dt, n_cls, False)(rows, *args, per_block, tasks)
     with _threads_for(rows):
-        kernel(rows, *args, per_block, tasks)
+        return make(dt, n_cls, True)(rows, *args, *_launch_shape(rows))
+
+
+def _small_factory():
+    if len(_KERNELS_MODULE) < 2:
+        _cpu_kernels()
+        from .kernels import cpu_small
+        _KERNELS_MODULE.append(cpu_small.make_ce_hard_small)
+    return _KERNELS_MODULE[1]
 
 
 class CpuBackend:
