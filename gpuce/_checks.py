@@ -7,9 +7,22 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 REDUCTIONS = ("none", "mean", "sum")
 
 
+_DTYPE_NAMES = {}
+
+
 def dtype_name(a):
     """'float32', 'bfloat16', 'int64', ... for numpy, ml_dtypes, torch and CuPy arrays."""
-    return str(a.dtype).replace("torch.", "")
+    dt = a.dtype
+    try:
+        return _DTYPE_NAMES[dt]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype object
+        name = str(dt).replace("torch.", "")
+        if len(_DTYPE_NAMES) < 64:  # dtype objects are few; str() is slow on the hot path
+            try:
+                _DTYPE_NAMES[dt] = name
+            except TypeError:
+                pass
+        return name
 
 
 def is_integer_dtype(name):

@@ -1,6 +1,7 @@
 """CPU backend: numpy arrays and CPU torch tensors, run by the @njit kernels."""
 import sys
 from contextlib import contextmanager
+from functools import lru_cache
 
 import numba
 import numpy as np
@@ -17,8 +18,10 @@ def _torch():
 
 
 def _is_cpu_tensor(x):
+    if type(x) is np.ndarray:  # the common case, without a look at torch
+        return False
     torch = _torch()
-    return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cpu"
+    return torch is not None and isinstance(x, torch.Tensor) and x.is_cpu
 
 
 def _numpy_dtype(dt):
@@ -30,7 +33,7 @@ def _numpy_dtype(dt):
 
 def to_numpy(a):
     """A numpy view of a numpy array or CPU tensor (bf16 tensors come back as raw uint16)."""
-    if isinstance(a, np.ndarray):
+    if type(a) is np.ndarray:
         return a
     if _is_cpu_tensor(a):
         t = a.detach()
@@ -67,6 +70,8 @@ def wrap_loss(like, value):
 
 def _rows(a, axis):
     """(N, C) C-contiguous view of ``a`` with ``axis`` last, copying only when strides demand."""
+    if (axis == -1 or axis == a.ndim - 1) and a.flags.c_contiguous and a.ndim:
+        return a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a  # the common case, cheaply
     moved = np.moveaxis(a, axis, -1)
     n_rows = int(np.prod(moved.shape[:-1], dtype=np.int64))
     return np.ascontiguousarray(moved).reshape(n_rows, moved.shape[-1])
@@ -80,9 +85,59 @@ def _writable_rows(dest, axis):
     return None
 
 
-def _kernels(dt, softcap, target_dt=None):
-    from .kernels import cpu
-    return cpu.make_kernels(dt, softcap is not None, None if target_dt == dt else target_dt)
+def _kernels(dt, softcap, target_dt=None, serial=False):
+    return _cpu_kernels().make_kernels(dt, softcap is not None,
+                                       None if target_dt == dt else target_dt, not serial)
+
+
+_KERNELS_MODULE = []
+
+
+def _cpu_kernels():
+    """gpuce.kernels.cpu, imported on first use (it defines numba intrinsics)."""
+    if not _KERNELS_MODULE:
+        from .kernels import cpu
+        _KERNELS_MODULE.append(cpu)
+    return _KERNELS_MODULE[0]
+
+
+def _launch(rows, dt, softcap, target_dt, name, *args):
+    """Run kernel ``name`` over ``rows``: small calls run a serial build on the calling
+    thread (no thread-pool launch, no thread-count juggling), large ones the parallel build."""
+    n_rows, n_cls = rows.shape
+    if rows.size < SERIAL_BELOW:
+        per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, 1)
+        return _kernels(dt, softcap, target_dt, serial=True)[name](*args, per_block, tasks)
+    with _threads_for(rows):
+        return _kernels(dt, softcap, target_dt)[name](*args, *_launch_shape(rows))
+
+
+def _small_ok(req, dt, n_cls, inplace, eps, zl):
+    """Whether the short-row kernel (C a compile-time constant) covers this call."""
+    return (n_cls <= _SMALL_MAX_C and dt in ("float32", "float64") and not inplace
+            and req.softcap is None and eps == 0 and zl == 0)
+
+
+_SMALL_MAX_C = 32
+
+
+def _launch_small(rows, dt, *args):
+    """Run the short-row kernel; like _launch, small calls take its serial build."""
+    n_rows, n_cls = rows.shape
+    make = _small_factory()
+    if rows.size < SERIAL_BELOW:
+        per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, 1)
+        return make(dt, n_cls, False)(rows, *args, per_block, tasks)
+    with _threads_for(rows):
+        return make(dt, n_cls, True)(rows, *args, *_launch_shape(rows))
+
+
+def _small_factory():
+    if len(_KERNELS_MODULE) < 2:
+        _cpu_kernels()
+        from .kernels import cpu_small
+        _KERNELS_MODULE.append(cpu_small.make_ce_hard_small)
+    return _KERNELS_MODULE[1]
 
 
 class CpuBackend:
@@ -98,12 +153,15 @@ class CpuBackend:
 
     def softmax(self, x, axis, dt, out, log):
         xr = raw(to_numpy(x), dt)
-        k = _kernels(dt, None)
         rows = _rows(xr, axis)
+        if out is None and axis == xr.ndim - 1:
+            dest_np = np.empty(xr.shape, dtype=xr.dtype)
+            self._run_softmax(dt, rows, dest_np.reshape(rows.shape), log)
+            return wrap(x, dest_np, dt)
         if out is None:
             dest_np = np.empty(np.moveaxis(xr, axis, -1).shape, dtype=xr.dtype)
             result_rows = dest_np.reshape(rows.shape)
-            self._run_softmax(k, rows, result_rows, log)
+            self._run_softmax(dt, rows, result_rows, log)
             return wrap(x, np.moveaxis(dest_np, -1, axis), dt)
         dest = raw(to_numpy(out), dt)
         _check_writeable(dest, "out")
@@ -113,16 +171,16 @@ class CpuBackend:
             if not same:
                 direct = None  # partial overlap: go through a temporary
         target = direct if direct is not None else np.empty_like(rows)
-        self._run_softmax(k, rows, target, log)
+        self._run_softmax(dt, rows, target, log)
         if direct is None:
             np.copyto(np.moveaxis(dest, axis, -1), target.reshape(np.moveaxis(dest, axis, -1).shape))
         return out
 
     @staticmethod
-    def _run_softmax(k, rows, dest_rows, log):
+    def _run_softmax(dt, rows, dest_rows, log):
         if rows.size:
-            with _threads_for(rows):
-                k["log_softmax" if log else "softmax"](rows, dest_rows, 0.0, *_launch_shape(rows))
+            _launch(rows, dt, None, None, "log_softmax" if log else "softmax", rows, dest_rows,
+                    0.0)
 
     def logsumexp(self, x, axis, dt):
         xr = raw(to_numpy(x), dt)
@@ -130,8 +188,7 @@ class CpuBackend:
         res = np.empty(rows.shape[0], dtype=_ACC[dt])
         if rows.shape[0]:
             if rows.shape[1]:
-                with _threads_for(rows):
-                    _kernels(dt, None)["logsumexp"](rows, res, 0.0, *_launch_shape(rows))
+                _launch(rows, dt, None, None, "logsumexp", rows, res, 0.0)
             else:
                 res[:] = -np.inf
         shape = np.moveaxis(xr, axis, -1).shape[:-1]
@@ -140,22 +197,20 @@ class CpuBackend:
     # ---- cross entropy -------------------------------------------------------
 
     def cross_entropy(self, req):
-        from .kernels import cpu
+        cpu = _cpu_kernels()
         dt = req.dtype
         acc = _ACC[dt]
         logits_np = raw(to_numpy(req.logits), dt)
         rows = _rows(logits_np, -1)
         n_rows, n_cls = rows.shape
-        k = _kernels(dt, req.softcap)
         cap = acc(req.softcap if req.softcap is not None else 0.0)
-        weight = (np.ones(n_cls, dtype=acc) if req.weight is None
+        weight = (_ones(n_cls, acc) if req.weight is None
                   else np.ascontiguousarray(_float_numpy(req.weight), dtype=acc))
         eps, zl = acc(req.label_smoothing), acc(req.z_loss)
 
         if req.soft:  # probabilities are read in their own dtype, never rounded
             q_dt = dtype_name(req.target)
             q_rows = _rows(raw(to_numpy(req.target), q_dt), -1)
-            k = _kernels(dt, req.softcap, q_dt)
             den_ce = den_z = float(n_rows)
         else:
             tgt = np.ascontiguousarray(to_numpy(req.target), dtype=np.int64).reshape(-1)
@@ -173,24 +228,27 @@ class CpuBackend:
         grad_rows, finish = self._grad_buffer(req, rows, logits_np)
         loss_rows = np.empty(n_rows, dtype=acc)
         if n_rows:
-            with _threads_for(rows):
-                pb, tasks = _launch_shape(rows)
-                inplace = req.want_grad and grad_rows is rows  # a copy of strided logits too
-                if req.soft:
-                    if inplace:
-                        k["ce_soft_inplace"](rows, q_rows, weight, go, go_step, inv_ce, eps, zl, cap,
-                                             loss_rows, pb, tasks)
-                    else:
-                        k["ce_soft"](rows, grad_rows, q_rows, weight, go, go_step, inv_ce, eps, zl,
-                                     cap, loss_rows, req.want_grad, pb, tasks)
+            inplace = req.want_grad and grad_rows is rows  # a copy of strided logits too
+            if req.soft:
+                if inplace:
+                    _launch(rows, dt, req.softcap, q_dt, "ce_soft_inplace", rows, q_rows, weight,
+                            go, go_step, inv_ce, eps, zl, cap, loss_rows)
                 else:
-                    w_sum = acc(weight.sum(dtype=np.float64))
-                    if inplace:
-                        k["ce_hard_inplace"](rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z, eps,
-                                             zl, cap, req.ignore_index, loss_rows, pb, tasks)
-                    else:
-                        k["ce_hard"](rows, grad_rows, tgt, weight, w_sum, go, go_step, inv_ce, inv_z,
-                                     eps, zl, cap, req.ignore_index, loss_rows, req.want_grad, pb, tasks)
+                    _launch(rows, dt, req.softcap, q_dt, "ce_soft", rows, grad_rows, q_rows,
+                            weight, go, go_step, inv_ce, eps, zl, cap, loss_rows, req.want_grad)
+            else:
+                w_sum = acc(n_cls) if req.weight is None else acc(weight.sum(dtype=np.float64))
+                if _small_ok(req, dt, n_cls, inplace, eps, zl):
+                    _launch_small(rows, dt, grad_rows, tgt, weight, go, go_step, inv_ce,
+                                  req.ignore_index, loss_rows, req.want_grad)
+                elif inplace:
+                    _launch(rows, dt, req.softcap, None, "ce_hard_inplace", rows, tgt, weight,
+                            w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, req.ignore_index,
+                            loss_rows)
+                else:
+                    _launch(rows, dt, req.softcap, None, "ce_hard", rows, grad_rows, tgt, weight,
+                            w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, req.ignore_index,
+                            loss_rows, req.want_grad)
         if req.reduction == "none":
             loss = loss_rows.reshape(req.row_shape)
             loss = wrap_loss(req.logits, loss) if _is_cpu_tensor(req.logits) else loss
@@ -202,7 +260,7 @@ class CpuBackend:
     def _grad_output(req, acc, n_rows):
         go = req.grad_output
         if go is None:
-            return np.ones(1, dtype=acc), 0
+            return _ones(1, acc), 0
         if isinstance(go, (int, float)):
             return np.full(1, go, dtype=acc), 0
         arr = np.ascontiguousarray(_float_numpy(go), dtype=acc).reshape(-1)
@@ -236,6 +294,13 @@ class CpuBackend:
             return tmp, copy_out
         grad_np = np.empty(shape, dtype=rows.dtype)
         return grad_np.reshape(rows.shape), lambda: wrap(req.logits, grad_np, dt)
+
+
+@lru_cache(maxsize=256)
+def _ones(n, acc):
+    """A shared array of ones (default weights, default grad_output); the kernels only read
+    it. Writeable on purpose: a read-only array would be another numba specialisation."""
+    return np.ones(n, dtype=acc)
 
 
 SERIAL_BELOW = 1 << 16  # elements; under this, waking the thread pool costs more than the work

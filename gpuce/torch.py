@@ -12,9 +12,13 @@ How it works
 ------------
 The forward runs gpuce's fused kernel, which produces the loss *and* the gradient with
 respect to the logits in one pass over them; the gradient is saved for the backward, which
-only scales it by ``grad_output``. The kernels run behind ``torch.library.custom_op``
-operators, so ``torch.compile`` (``fullgraph=True`` included) treats them as opaque calls
-with a fake (meta) implementation and never breaks the graph:
+owns that buffer: it returns it as is when ``grad_output`` is 1 (read on the CPU only),
+and otherwise scales it in place in one pass (on CUDA always, without a host sync). Only
+when the graph is kept (``retain_graph=True``) does the product go to a new buffer. Eagerly
+this runs as plain autograd Functions (cheapest per call); under ``torch.compile`` the
+kernels run behind ``torch.library.custom_op`` operators, so the compiler (``fullgraph=True``
+included) treats them as opaque calls with a fake (meta) implementation and never breaks
+the graph:
 
 - ``gpuce::cross_entropy_fwd``   (logits, target, ...) -> (loss, grad)   the training op
 - ``gpuce::cross_entropy``       (logits, target, ...) -> loss           no gradient wanted
@@ -202,16 +206,90 @@ def _fwd_backward(ctx, grad_loss, grad_grad):
 _ce_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
+def _keep_graph():
+    """True when this backward runs with retain_graph (the saved gradient is needed again)."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else query()
+
+
+def _go_is_one(grad_output, reduction):
+    # read only on the CPU: on CUDA, reading the value would be a host sync
+    return (reduction != "none" and grad_output.device.type == "cpu"
+            and grad_output.numel() == 1 and grad_output.item() == 1.0)
+
+
+def _backward_scale(grad, grad_output, reduction):
+    """The gradient times grad_output, reusing the forward's gradient buffer.
+
+    - grad_output == 1 (every ``loss.backward()`` on the CPU): the saved gradient as is.
+    - otherwise one in-place pass over it, unless the graph is kept (retain_graph=True:
+      the saved gradient is needed again), where the product goes to a new buffer.
+    On CUDA the scale is always one in-place pass, launched without reading grad_output
+    on the host. With create_graph the product is the differentiable-once scale_grad op.
+    """
+    if torch.is_grad_enabled():
+        return _DifferentiableOnce.apply(grad, grad_output, torch.empty(0, requires_grad=True))
+    if _go_is_one(grad_output, reduction):
+        return grad
+    if _keep_graph():
+        return _scale_grad(grad, grad_output)
+    return grad.mul_(_broadcastable(grad_output, grad))
+
+
+def _broadcastable(grad_output, grad):
+    """grad_output with the class axis added; never 0-d, so it takes part in type promotion
+    and the product is formed in fp32 (a GradScaler factor would overflow a half go)."""
+    return grad_output.reshape(tuple(grad_output.shape) + (1,) * (grad.dim() - grad_output.dim()))
+
+
+class _DifferentiableOnce(torch.autograd.Function):
+    """grad * grad_output under create_graph: the result requires grad (through ``anchor``),
+    so that differentiating it again raises instead of silently giving zero."""
+
+    @staticmethod
+    def forward(ctx, grad, grad_output, anchor):
+        return grad * _broadcastable(grad_output, grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """The eager training path: one fused call in the forward; the backward reuses its
+    gradient buffer (see _backward_scale). torch.compile traces gpuce::cross_entropy_fwd."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap):
+        loss, grad = gpuce.cross_entropy_with_grad(
+            logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        ctx.set_materialize_grads(False)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if grad_loss is None:
+            return (None,) * 8
+        (grad,) = ctx.saved_tensors
+        return (_backward_scale(grad, grad_loss, ctx.reduction),) + (None,) * 7
+
+
 class _InplaceCrossEntropy(torch.autograd.Function):
     """Writes the gradient into the logits (mark_dirty) and scales it in the backward."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                 softcap):
-        loss = _ce_fwd_inplace(logits, target, weight, ignore_index, reduction,
-                               label_smoothing, z_loss, softcap)
+        loss, _ = gpuce.cross_entropy_with_grad(
+            logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, inplace=True)
         ctx.mark_dirty(logits)
         ctx.save_for_backward(logits)
+        ctx.reduction = reduction
         ctx.set_materialize_grads(False)
         return loss, logits
 
@@ -225,7 +303,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         if grad_loss is None:
             return (None,) * 8
         (grad,) = ctx.saved_tensors
-        return (_scale_grad(grad, grad_loss),) + (None,) * 7
+        return (_backward_scale(grad, grad_loss, ctx.reduction),) + (None,) * 7
 
 
 # ---- public API -----------------------------------------------------------------------
@@ -278,17 +356,24 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                     f"{name}: requires grad, but gpuce.torch.cross_entropy differentiates "
                     f"only with respect to the input (logits); pass {name}.detach()")
     args = (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    compiling = torch.compiler.is_compiling()
     if not (grad_mode and input.requires_grad):
-        return _ce_loss(input, *args)
-    if inplace and not torch.compiler.is_compiling():
+        if compiling:
+            return _ce_loss(input, *args)
+        return gpuce.cross_entropy(input, target, weight=weight, ignore_index=ignore_index,
+                                   reduction=reduction, label_smoothing=label_smoothing,
+                                   z_loss=z_loss, softcap=softcap)
+    if compiling:  # the opaque custom ops; eagerly, plain autograd Functions cost less per call
+        loss, _ = _ce_fwd(input, *args)
+        return loss
+    if inplace:
         if input.is_leaf:
             raise ValueError(
                 "inplace=True: the input is a leaf tensor that requires grad; overwriting it "
                 "with the gradient would destroy it. Use inplace=False")
         loss, _ = _InplaceCrossEntropy.apply(input, *args)
         return loss
-    loss, _ = _ce_fwd(input, *args)
-    return loss
+    return _FusedCrossEntropy.apply(input, *args)
 
 
 class CrossEntropyLoss(nn.Module):

@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import cpu_math as cm
+from .cpu_cache import cached
 
 SMALL_C = 64          # below this, exp runs flat over a block of rows
 BLOCK_ELEMS = 16384   # elements per block (one task): the e buffer stays in L2
@@ -44,17 +45,20 @@ def launch_shape(n_rows, n_cls, n_threads):
 
 
 @lru_cache(maxsize=None)
-def make_kernels(dtype_name, softcapped, target_dtype_name=None):
+def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
 
     ``target_dtype_name`` is the storage dtype of soft targets (default: the logits'); they
-    are read as given, never rounded to the logits' dtype.
+    are read as given, never rounded to the logits' dtype. ``parallel=False`` builds the
+    same source as plain loops, for small calls: no thread-pool launch per call.
     """
     load, store, exp, tanh, key, unkey, acc = _TRAITS[dtype_name]
     load_q = _TRAITS[target_dtype_name or dtype_name][0]
     fm = cm.FASTMATH
     inner = njit(inline="always", fastmath=fm)
-    outer = njit(parallel=True, fastmath=fm)
+    variant = (f"dtype={dtype_name} softcap={softcapped} target={target_dtype_name} "
+               f"parallel={parallel} fastmath={sorted(fm)}")
+    outer = cached(njit(parallel=parallel, fastmath=fm), variant)  # on disk, across processes
     NEG_INF = acc(-np.inf)
     ZERO = acc(0.0)
     ONE = acc(1.0)

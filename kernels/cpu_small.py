@@ -1,0 +1,144 @@
+"""CPU cross entropy for short rows (C <= MAX_C), hard targets, no softcap / smoothing / z-loss.
+
+The generic kernels pay per-row loops of unknown length; here C is a compile-time constant
+(one build per C), so every per-row loop unrolls and the loops over rows vectorise: the max,
+the exp (one flat loop over a block), the sums, and a vectorisable log (one per row).
+Same semantics as ``cpu.make_kernels(...)["ce_hard"]`` restricted to those options.
+"""
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import njit, prange
+
+from . import cpu_math as cm
+from .cpu import launch_shape  # noqa: F401  (same blocking as the generic kernels)
+from .cpu_cache import cached
+
+MAX_C = 32
+_SQRT2_32 = np.float32(1.4142135623730951)
+_LN2_32 = np.float32(0.6931471805599453)
+# numpy's error model: x / 0 gives inf/NaN instead of a Python-style check, which would
+# also stop the row loops from vectorising
+_jit = njit(inline="never", fastmath=cm.FASTMATH, error_model="numpy")
+
+
+@_jit
+def log_pos_f32(s):
+    """log(s) for finite normal float32 s > 0, ~1 ulp, as straight-line code (vectorises):
+    s = 2^k f, f in [sqrt(1/2), sqrt(2)), log f = 2 atanh((f-1)/(f+1)) by its odd series.
+    0 -> -inf, NaN -> NaN (a softmax sum is 0, NaN or in [1, C])."""
+    s = np.float32(s)
+    bits = cm._f32_to_bits(s)
+    k = (bits >> 23) - 127
+    f = cm._bits_to_f32((bits & 0x007FFFFF) | 0x3F800000)
+    big = f > _SQRT2_32
+    f = f * np.float32(0.5) if big else f
+    k = k + 1 if big else k
+    t = (f - np.float32(1.0)) / (f + np.float32(1.0))
+    t2 = t * t
+    p = np.float32(1.0 / 9.0)
+    p = p * t2 + np.float32(1.0 / 7.0)
+    p = p * t2 + np.float32(1.0 / 5.0)
+    p = p * t2 + np.float32(1.0 / 3.0)
+    p = p * t2 + np.float32(1.0)
+    r = np.float32(k) * _LN2_32 + np.float32(2.0) * t * p
+    # selects, not branches, so a loop of these vectorises; s here is 0, NaN or >= 1
+    return r if s > np.float32(0.0) else (np.float32(-np.inf) if s == np.float32(0.0) else s)
+
+
+@_jit
+def log_f64(s):
+    return math.log(s) if s > 0.0 else (-np.inf if s == 0.0 else s)
+
+
+_TRAITS = {"float32": (cm.exp_nonpos_f32, log_pos_f32, np.float32),
+           "float64": (cm.exp_nonpos_f64, log_f64, np.float64)}
+
+
+@lru_cache(maxsize=None)
+def make_ce_hard_small(dtype_name, n_cls, parallel=True):
+    """ce_hard for rows of exactly ``n_cls`` classes, logits and gradient in ``dtype_name``
+    (float32/float64: the gradient buffer holds e, as in the generic kernel)."""
+    exp, log, acc = _TRAITS[dtype_name]
+    C = n_cls
+    fm = cm.FASTMATH
+    variant = f"small dtype={dtype_name} C={C} parallel={parallel} fastmath={sorted(fm)}"
+    outer = cached(njit(parallel=parallel, fastmath=fm, error_model="numpy"), variant)
+    ZERO = acc(0.0)
+    ONE = acc(1.0)
+    NEG_INF = acc(-np.inf)
+    INF = acc(np.inf)
+
+    @outer
+    def ce_hard_small(x, g, tgt, w, go, go_step, inv_ce, ignore_index, loss_out, write_grad,
+                      per_block, n_tasks):
+        n_rows = x.shape[0]
+        for t in prange(n_tasks):
+            scratch = np.empty((per_block, C), dtype=acc)
+            m = np.empty(per_block, dtype=acc)
+            k = np.empty(per_block, dtype=acc)
+            z_y = np.empty(per_block, dtype=acc)
+            w_y = np.empty(per_block, dtype=acc)
+            kept_f = np.empty(per_block, dtype=acc)
+            a_y = np.empty(per_block, dtype=acc)  # grad_output * w_y / den
+            n_blocks = (n_rows + per_block - 1) // per_block
+            for b in range(t * n_blocks // n_tasks, (t + 1) * n_blocks // n_tasks):
+                r0 = b * per_block
+                n = min(per_block, n_rows - r0)
+                xb = x[r0:r0 + n]
+                e = g[r0:r0 + n] if write_grad else scratch[:n]
+                for i in range(n):  # row max, then the shifted row: C is a constant, so
+                    xi = xb[i]          # this unrolls and the row stays in registers
+                    mi = xi[0]
+                    for c in range(1, C):
+                        v = xi[c]
+                        mi = v if v > mi else mi
+                    mi = ZERO if mi == NEG_INF else mi
+                    m[i] = mi
+                    ei = e[i]
+                    for c in range(C):
+                        ei[c] = xi[c] - mi
+                ef = e.reshape(-1)
+                for j in range(n * C):  # one flat vector loop
+                    ef[j] = exp(ef[j])
+                for i in range(n):  # sums and the target's logit and weight (gathers)
+                    ei = e[i]
+                    s = ZERO
+                    for c in range(C):
+                        s += ei[c]
+                    k[i] = s
+                    y = tgt[r0 + i]
+                    kept = y != ignore_index
+                    yc = y if kept else 0
+                    z_y[i] = xb[i, yc]
+                    w_y[i] = w[yc] * inv_ce if kept else ZERO
+                    kept_f[i] = ONE if kept else ZERO
+                if go_step:  # one grad_output per row (reduction='none')
+                    for i in range(n):
+                        a_y[i] = go[r0 + i] * w_y[i]
+                else:
+                    a = go[0]
+                    for i in range(n):
+                        a_y[i] = a * w_y[i]
+                for i in range(n):  # no gathers, no branches: this loop vectorises
+                    s = k[i]
+                    loss = w_y[i] * cm.gap_plus(m[i], z_y[i], log(s))
+                    loss = loss if s != ZERO else INF * inv_ce  # all -inf: +inf, gradient 0
+                    loss_out[r0 + i] = loss if kept_f[i] != ZERO else ZERO
+                    k[i] = a_y[i] / s if s != ZERO else ZERO  # NaN s: NaN row
+                if write_grad:
+                    for i in range(n):
+                        ki = k[i]
+                        ei = e[i]
+                        for c in range(C):
+                            ei[c] = ki * ei[c]
+                    for i in range(n):  # the target element, p - 1 from unrounded terms
+                        r = r0 + i
+                        y = tgt[r]
+                        if y == ignore_index:  # zeros even where the row holds NaN
+                            for c in range(C):
+                                e[i, c] = ZERO
+                        elif k[i] != ZERO:
+                            e[i, y] -= a_y[i]
+    return ce_hard_small

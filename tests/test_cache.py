@@ -1,0 +1,178 @@
+"""Start-up: the CPU kernels' on-disk cache (hit by a second process, keyed on variant,
+sources and numba version, safe when processes fill it at once), the lazy CUDA import,
+and ``gpuce.warmup``."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from gpuce.kernels import cpu_cache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs the given small calls and reports each kernel's cache hits/misses and the results.
+_CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import gpuce
+    from gpuce.kernels import cpu
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, 33))
+    out = {"softmax": gpuce.softmax(x).tolist(), "log_softmax": gpuce.log_softmax(x).tolist()}
+    ks = cpu.make_kernels("float64", False, None, False)  # the serial build small calls use
+    for name in ("softmax", "log_softmax"):
+        st = ks[name].stats
+        out[name + "_hits"] = sum(st.cache_hits.values())
+        out[name + "_misses"] = sum(st.cache_misses.values())
+    print(json.dumps(out))
+""")
+
+
+def _child_env(cache_dir):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), PYTHONPATH=ROOT)
+    env.pop("NUMBA_DISABLE_JIT", None)
+    env.pop("GPUCE_DISK_CACHE", None)
+    return env
+
+
+def test_processes_filling_the_cache_at_once_then_a_third_hits_it(tmp_path):
+    env = _child_env(tmp_path)
+    fillers = [subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    filled = [json.loads(p.communicate()[0]) for p in fillers]
+    assert all(p.returncode == 0 for p in fillers)
+    assert any(r["softmax_misses"] for r in filled)  # someone compiled
+    third = json.loads(subprocess.run([sys.executable, "-c", _CHILD], env=env, check=True,
+                                      capture_output=True, text=True).stdout)
+    for name in ("softmax", "log_softmax"):
+        assert third[name + "_hits"] >= 1 and third[name + "_misses"] == 0, third
+    x = np.random.default_rng(5).standard_normal((7, 33))
+    e = np.exp(x - x.max(-1, keepdims=True))
+    want = e / e.sum(-1, keepdims=True)
+    np.testing.assert_allclose(third["softmax"], want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(third["log_softmax"], np.log(want), rtol=1e-12, atol=1e-12)
+    assert third["softmax"] == filled[0]["softmax"] == filled[1]["softmax"]
+    # one index per variant, and data named by key: the cache holds only our files
+    names = [n for d, _, fs in os.walk(tmp_path) for n in fs]
+    assert any(n.endswith(".nbi") for n in names) and not any(".tmp." in n for n in names)
+
+
+def _probe(x):
+    return x + 1
+
+
+def _key(variant, sig=("int64",)):
+    from numba import njit
+    d = njit(_probe)
+    cache = cpu_cache.VariantCache(d.py_func, variant)
+    return cache._index_key(sig, d.targetctx.codegen()), cache
+
+
+def test_key_changes_with_variant_sources_and_numba_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    from numba.core import config
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path))
+    base, cache = _key("dtype=float32 a")
+    assert base == _key("dtype=float32 a")[0]  # stable within a process (and carries no uuid)
+    assert base != _key("dtype=float64 a")[0]
+    assert cache.cache_path.startswith(str(tmp_path))  # NUMBA_CACHE_DIR is honoured
+    real_read = cpu_cache.sources_hash
+    try:
+        cpu_cache.sources_hash.cache_clear()
+        import numba
+        monkeypatch.setattr(numba, "__version__", numba.__version__ + ".changed")
+        assert _key("dtype=float32 a")[0] != base
+        monkeypatch.undo()
+        monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path))
+        cpu_cache.sources_hash.cache_clear()
+        monkeypatch.setattr(cpu_cache, "_SOURCES", cpu_cache._SOURCES[:-1])  # other sources
+        assert _key("dtype=float32 a")[0] != base
+    finally:
+        real_read.cache_clear()
+
+
+def test_read_only_install_falls_back_to_the_user_cache(tmp_path, monkeypatch):
+    from numba.core import caching, config
+    monkeypatch.setattr(config, "CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+
+    def read_only(self):
+        raise OSError("read-only file system")
+    monkeypatch.setattr(caching.InTreeCacheLocator, "ensure_cache_path", read_only)
+    _, cache = _key("x")
+    assert cache.cache_path.startswith(str(tmp_path / "user"))
+
+
+def test_import_gpuce_leaves_numba_cuda_alone_until_a_cuda_array_arrives(tmp_path):
+    code = ("import sys, numpy as np, gpuce\n"
+            "gpuce.softmax(np.ones((2, 3)))\n"
+            "assert 'numba.cuda' not in sys.modules and 'gpuce._cuda' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=_child_env(tmp_path))
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", reason="CPU dispatch test")
+def test_a_cuda_looking_array_loads_the_cuda_backend_or_says_why():
+    from gpuce import _dispatch
+
+    class CudaLike:  # __cuda_array_interface__ alone marks a CUDA array
+        __cuda_array_interface__ = {"shape": (2, 3), "typestr": "<f4", "data": (0, False),
+                                    "version": 3}
+        shape, dtype = (2, 3), np.dtype(np.float32)
+
+    assert _dispatch._looks_like_cuda(CudaLike())
+    assert not _dispatch._looks_like_cuda(np.ones(3))
+    try:
+        backend = _dispatch.backend_for(CudaLike())
+    except TypeError as e:  # numba-cuda not installed
+        assert "CUDA backend is not available" in str(e)
+    else:
+        assert backend.name == "cuda" and "gpuce._cuda" in sys.modules
+
+
+def test_warmup_plans_and_rejects_bad_arguments():
+    from gpuce import _warmup
+    labels = [label for label, _ in _warmup.plan("cpu", ("float32", "bfloat16"),
+                                                  ("softmax", "cross_entropy"), softcap=True)]
+    assert "float32 softmax small" in labels and "bfloat16 cross_entropy large softcap" in labels
+    assert len(labels) == 2 * 2 * (1 + 2)  # dtypes x sizes x (softmax + 2 ce variants)
+    with pytest.raises(ValueError, match="device"):
+        _warmup.plan("tpu", ("float32",), ("softmax",))
+    with pytest.raises(ValueError, match="dtypes"):
+        _warmup.plan("cpu", ("int8",), ("softmax",))
+    with pytest.raises(ValueError, match="ops"):
+        _warmup.plan("cpu", ("float32",), ("matmul",))
+
+
+def test_warmup_cli_fills_the_cache_a_later_process_hits(tmp_path):
+    env = _child_env(tmp_path)
+    subprocess.run([sys.executable, "-m", "gpuce.cli", "warmup", "--dtypes", "float64",
+                    "--ops", "softmax,log_softmax", "--sizes", "small", "--quiet"],
+                   env=env, check=True, capture_output=True)
+    later = json.loads(subprocess.run([sys.executable, "-c", _CHILD], env=env, check=True,
+                                      capture_output=True, text=True).stdout)
+    assert later["softmax_hits"] >= 1 and later["softmax_misses"] == 0
+    assert later["log_softmax_hits"] >= 1 and later["log_softmax_misses"] == 0
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
+                    reason="the CUDA warm-up runs here under the simulator "
+                           "(NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/test_cache.py -k cuda)")
+def test_cuda_warmup_calls_every_strategy_through_the_public_api(monkeypatch):
+    import gpuce
+    from gpuce import _cuda, _warmup
+    seen = []
+    real = _cuda.CudaBackend.softmax
+
+    def recording(self, x, axis, dt, out, log):
+        seen.append((_cuda._forced_strategy(), tuple(x.shape), dt))
+        return real(self, x, axis, dt, out, log)
+
+    monkeypatch.setattr(_cuda.CudaBackend, "softmax", recording)
+    labels = gpuce.warmup("cuda", ("float32",), ("softmax",))
+    assert labels == [f"float32 softmax {s}" for s in _warmup._CUDA_ROWS]
+    assert [s for s, _, _ in seen] == list(_warmup._CUDA_ROWS)
+    assert all(dt == "float32" for _, _, dt in seen)
