@@ -5,7 +5,7 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 
-from . import _dispatch
+from . import _dispatch, _threading
 from ._checks import dtype_name
 
 _ACC = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
@@ -80,9 +80,10 @@ def _writable_rows(dest, axis):
     return None
 
 
-def _kernels(dt, softcap, target_dt=None):
+def _kernels(dt, softcap, target_dt=None, parallel=True):
     from .kernels import cpu
-    return cpu.make_kernels(dt, softcap is not None, None if target_dt == dt else target_dt)
+    return cpu.make_kernels(dt, softcap is not None, None if target_dt == dt else target_dt,
+                            parallel)
 
 
 class CpuBackend:
@@ -98,12 +99,11 @@ class CpuBackend:
 
     def softmax(self, x, axis, dt, out, log):
         xr = raw(to_numpy(x), dt)
-        k = _kernels(dt, None)
         rows = _rows(xr, axis)
         if out is None:
             dest_np = np.empty(np.moveaxis(xr, axis, -1).shape, dtype=xr.dtype)
             result_rows = dest_np.reshape(rows.shape)
-            self._run_softmax(k, rows, result_rows, log)
+            self._run_softmax(dt, rows, result_rows, log)
             return wrap(x, np.moveaxis(dest_np, -1, axis), dt)
         dest = raw(to_numpy(out), dt)
         _check_writeable(dest, "out")
@@ -113,15 +113,15 @@ class CpuBackend:
             if not same:
                 direct = None  # partial overlap: go through a temporary
         target = direct if direct is not None else np.empty_like(rows)
-        self._run_softmax(k, rows, target, log)
+        self._run_softmax(dt, rows, target, log)
         if direct is None:
             np.copyto(np.moveaxis(dest, axis, -1), target.reshape(np.moveaxis(dest, axis, -1).shape))
         return out
 
     @staticmethod
-    def _run_softmax(k, rows, dest_rows, log):
+    def _run_softmax(dt, rows, dest_rows, log):
         if rows.size:
-            with _threads_for(rows):
+            with _threads_for(rows, dt, None) as k:
                 k["log_softmax" if log else "softmax"](rows, dest_rows, 0.0, *_launch_shape(rows))
 
     def logsumexp(self, x, axis, dt):
@@ -130,8 +130,8 @@ class CpuBackend:
         res = np.empty(rows.shape[0], dtype=_ACC[dt])
         if rows.shape[0]:
             if rows.shape[1]:
-                with _threads_for(rows):
-                    _kernels(dt, None)["logsumexp"](rows, res, 0.0, *_launch_shape(rows))
+                with _threads_for(rows, dt, None) as k:
+                    k["logsumexp"](rows, res, 0.0, *_launch_shape(rows))
             else:
                 res[:] = -np.inf
         shape = np.moveaxis(xr, axis, -1).shape[:-1]
@@ -146,7 +146,6 @@ class CpuBackend:
         logits_np = raw(to_numpy(req.logits), dt)
         rows = _rows(logits_np, -1)
         n_rows, n_cls = rows.shape
-        k = _kernels(dt, req.softcap)
         cap = acc(req.softcap if req.softcap is not None else 0.0)
         weight = (np.ones(n_cls, dtype=acc) if req.weight is None
                   else np.ascontiguousarray(_float_numpy(req.weight), dtype=acc))
@@ -155,7 +154,6 @@ class CpuBackend:
         if req.soft:  # probabilities are read in their own dtype, never rounded
             q_dt = dtype_name(req.target)
             q_rows = _rows(raw(to_numpy(req.target), q_dt), -1)
-            k = _kernels(dt, req.softcap, q_dt)
             den_ce = den_z = float(n_rows)
         else:
             tgt = np.ascontiguousarray(to_numpy(req.target), dtype=np.int64).reshape(-1)
@@ -173,7 +171,7 @@ class CpuBackend:
         grad_rows, finish = self._grad_buffer(req, rows, logits_np)
         loss_rows = np.empty(n_rows, dtype=acc)
         if n_rows:
-            with _threads_for(rows):
+            with _threads_for(rows, dt, req.softcap, q_dt if req.soft else None) as k:
                 pb, tasks = _launch_shape(rows)
                 inplace = req.want_grad and grad_rows is rows  # a copy of strided logits too
                 if req.soft:
@@ -242,9 +240,20 @@ SERIAL_BELOW = 1 << 16  # elements; under this, waking the thread pool costs mor
 
 
 @contextmanager
-def _threads_for(rows):
-    """Run small calls on the calling thread alone: a parallel launch of a tiny kernel can
-    take milliseconds when the other cores are busy."""
+def _threads_for(rows, dt, softcap, target_dt=None):
+    """The kernels to run ``rows`` with: serial ones where numba's threading layer is unsafe
+    (see _threading), else the parallel ones. Small calls run on the calling thread alone:
+    a parallel launch of a tiny kernel can take milliseconds when the other cores are busy."""
+    with _threading.parallel_allowed() as parallel:
+        if not parallel:
+            yield _kernels(dt, softcap, target_dt, parallel=False)
+            return
+        with _one_thread_if_small(rows):
+            yield _kernels(dt, softcap, target_dt)
+
+
+@contextmanager
+def _one_thread_if_small(rows):
     if rows.size >= SERIAL_BELOW or numba.get_num_threads() == 1:
         yield
         return

@@ -44,8 +44,9 @@ def launch_shape(n_rows, n_cls, n_threads):
 
 
 @lru_cache(maxsize=None)
-def make_kernels(dtype_name, softcapped, target_dtype_name=None):
+def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
+    ``parallel=False`` gives the same kernels compiled serially (prange runs as range).
 
     ``target_dtype_name`` is the storage dtype of soft targets (default: the logits'); they
     are read as given, never rounded to the logits' dtype.
@@ -54,7 +55,7 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None):
     load_q = _TRAITS[target_dtype_name or dtype_name][0]
     fm = cm.FASTMATH
     inner = njit(inline="always", fastmath=fm)
-    outer = njit(parallel=True, fastmath=fm)
+    outer = njit(parallel=parallel, fastmath=fm)
     NEG_INF = acc(-np.inf)
     ZERO = acc(0.0)
     ONE = acc(1.0)
