@@ -67,13 +67,13 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     def logit(v, cap):
         z = load(v)
         if softcapped:
-            z = cap * tanh(z / cap)
+            z = cap * tanh(cm.div(z, cap))
         return z
 
     @inner
     def grad_factor(z, cap):
         if softcapped:
-            t = z / cap
+            t = cm.div(z, cap)
             return ONE - t * t
         return ONE
 
