@@ -75,8 +75,8 @@ def _rows(a, axis):
 def _writable_rows(dest, axis):
     """Rows view of ``dest`` if writing it directly is possible, else None."""
     moved = np.moveaxis(dest, axis, -1)
-    if moved.flags.c_contiguous:
-        return moved.reshape(-1, moved.shape[-1])
+    if moved.flags.c_contiguous:  # (explicit row count: -1 is ambiguous when C == 0)
+        return moved.reshape(int(np.prod(moved.shape[:-1], dtype=np.int64)), moved.shape[-1])
     return None
 
 
