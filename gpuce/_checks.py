@@ -115,6 +115,9 @@ def check_cross_entropy(logits, target, weight, ignore_index, reduction, label_s
         raise ValueError(f"reduction: {reduction!r} is not one of {REDUCTIONS}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if soft and ignore_index >= 0:  # as PyTorch: no row of probabilities can be ignored
+        raise ValueError(f"ignore_index: {ignore_index} is not supported with class-probability "
+                         "targets; leave it negative (the default is -100)")
     label_smoothing = _real("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing: {label_smoothing} is outside [0, 1]")

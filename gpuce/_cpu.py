@@ -6,7 +6,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-from . import _dispatch
+from . import _dispatch, _threading
 from ._checks import dtype_name
 
 _ACC = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
@@ -80,8 +80,8 @@ def _rows(a, axis):
 def _writable_rows(dest, axis):
     """Rows view of ``dest`` if writing it directly is possible, else None."""
     moved = np.moveaxis(dest, axis, -1)
-    if moved.flags.c_contiguous:
-        return moved.reshape(-1, moved.shape[-1])
+    if moved.flags.c_contiguous:  # (explicit row count: -1 is ambiguous when C == 0)
+        return moved.reshape(int(np.prod(moved.shape[:-1], dtype=np.int64)), moved.shape[-1])
     return None
 
 
@@ -105,10 +105,10 @@ def _launch(rows, dt, softcap, target_dt, name, *args):
     """Run kernel ``name`` over ``rows``: small calls run a serial build on the calling
     thread (no thread-pool launch, no thread-count juggling), large ones the parallel build."""
     n_rows, n_cls = rows.shape
-    if rows.size < SERIAL_BELOW:
-        per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, 1)
-        return _kernels(dt, softcap, target_dt, serial=True)[name](*args, per_block, tasks)
-    with _threads_for(rows):
+    with _parallel_for(rows) as parallel:
+        if not parallel:
+            per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, 1)
+            return _kernels(dt, softcap, target_dt, serial=True)[name](*args, per_block, tasks)
         return _kernels(dt, softcap, target_dt)[name](*args, *_launch_shape(rows))
 
 
@@ -125,10 +125,10 @@ def _launch_small(rows, dt, *args):
     """Run the short-row kernel; like _launch, small calls take its serial build."""
     n_rows, n_cls = rows.shape
     make = _small_factory()
-    if rows.size < SERIAL_BELOW:
-        per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, 1)
-        return make(dt, n_cls, False)(rows, *args, per_block, tasks)
-    with _threads_for(rows):
+    with _parallel_for(rows) as parallel:
+        if not parallel:
+            per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, 1)
+            return make(dt, n_cls, False)(rows, *args, per_block, tasks)
         return make(dt, n_cls, True)(rows, *args, *_launch_shape(rows))
 
 
@@ -307,18 +307,15 @@ SERIAL_BELOW = 1 << 16  # elements; under this, waking the thread pool costs mor
 
 
 @contextmanager
-def _threads_for(rows):
-    """Run small calls on the calling thread alone: a parallel launch of a tiny kernel can
-    take milliseconds when the other cores are busy."""
-    if rows.size >= SERIAL_BELOW or numba.get_num_threads() == 1:
-        yield
+def _parallel_for(rows):
+    """Yields whether ``rows`` run on the parallel kernels. Small calls take the serial build
+    on the calling thread (waking the pool costs more than the work); so does any call where
+    numba's threading layer is unsafe (a forked omp child, a busy workqueue: see _threading)."""
+    if rows.size < SERIAL_BELOW:
+        yield False
         return
-    saved = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(saved)
+    with _threading.parallel_allowed() as parallel:
+        yield parallel
 
 
 def _check_writeable(a, name):

@@ -47,6 +47,7 @@ def launch_shape(n_rows, n_cls, n_threads):
 @lru_cache(maxsize=None)
 def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
+    ``parallel=False`` gives the same kernels compiled serially (prange runs as range).
 
     ``target_dtype_name`` is the storage dtype of soft targets (default: the logits'); they
     are read as given, never rounded to the logits' dtype. ``parallel=False`` builds the
@@ -70,13 +71,13 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     def logit(v, cap):
         z = load(v)
         if softcapped:
-            z = cap * tanh(z / cap)
+            z = cap * tanh(cm.div(z, cap))
         return z
 
     @inner
     def grad_factor(z, cap):
         if softcapped:
-            t = z / cap
+            t = cm.div(z, cap)
             return ONE - t * t
         return ONE
 

@@ -96,6 +96,25 @@ def test_soft_target_shape_mismatch(kind, data, ce, rng, shape):
     assert_raises(ValueError, "target", ce, xk, fresh(kind, q))
 
 
+@pytest.mark.parametrize("ignore_index", [0, 1, C - 1, C + 5])
+def test_ignore_index_with_probability_targets(kind, data, ce, rng, ignore_index):
+    """As PyTorch: no ignore_index >= 0 with probability targets (negative ones are allowed)."""
+    _, _, xk, _ = data
+    q = rng.dirichlet(np.ones(C), size=N).astype(np.float32)
+    assert_raises(ValueError, "ignore_index", ce, xk, fresh(kind, q), ignore_index=ignore_index)
+    ce(xk, fresh(kind, q), ignore_index=-1)
+
+
+def test_ignore_index_with_probability_targets_torch(rng):
+    torch = pytest.importorskip("torch")
+    import gpuce.torch as gt
+    x = torch.from_numpy(make_logits(rng, (N, C), "float32"))
+    q = torch.from_numpy(rng.dirichlet(np.ones(C), size=N).astype(np.float32))
+    assert_raises(ValueError, "ignore_index", gt.CrossEntropyLoss(ignore_index=1), x, q)
+    assert_raises(ValueError, "ignore_index", gt.cross_entropy, x.requires_grad_(), q,
+                  ignore_index=0)
+
+
 def test_target_shape_mismatch_leading_dims(kind, rng, ce):
     x = make_logits(rng, (2, 3, C), "float32")
     t = make_hard_target(rng, (6,), C)  # the right count, flattened
