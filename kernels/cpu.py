@@ -234,7 +234,8 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
         w_y = w[y]
         z_y = logit(x[y], cap)
         # (m - z) + log s, not lse - z: exact for large logits, and a sum of terms >= 0
-        loss = (ONE - eps) * w_y * cm.gap_plus(m, z_y, log_s)
+        t_y = (ONE - eps) * w_y  # a zero weight (or eps = 1) times a -inf target logit is 0
+        loss = ZERO if t_y == ZERO else t_y * cm.gap_plus(m, z_y, log_s)
         smooth = eps / acc(n_cls)
         if eps > ZERO:
             gap = ZERO

@@ -123,7 +123,7 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
                         a_y[i] = a * w_y[i]
                 for i in range(n):  # no gathers, no branches: this loop vectorises
                     s = k[i]
-                    loss = w_y[i] * cm.gap_plus(m[i], z_y[i], log(s))
+                    loss = w_y[i] * cm.gap_plus(m[i], z_y[i], log(s)) if w_y[i] != ZERO else ZERO
                     loss = loss if s != ZERO else INF * inv_ce  # all -inf: +inf, gradient 0
                     loss_out[r0 + i] = loss if kept_f[i] != ZERO else ZERO
                     k[i] = a_y[i] / s if s != ZERO else ZERO  # NaN s: NaN row
