@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import cpu_math as cm
-from .cpu_cache import cached
+from .cpu_cache import PARALLEL_ON_DISK, cached
 
 SMALL_C = 64          # below this, exp runs flat over a block of rows
 BLOCK_ELEMS = 16384   # elements per block (one task): the e buffer stays in L2
@@ -59,7 +59,8 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     inner = njit(inline="always", fastmath=fm)
     variant = (f"dtype={dtype_name} softcap={softcapped} target={target_dtype_name} "
                f"parallel={parallel} fastmath={sorted(fm)}")
-    outer = cached(njit(parallel=parallel, fastmath=fm), variant)  # on disk, across processes
+    outer = cached(njit(parallel=parallel, fastmath=fm), variant,
+                   on_disk=not parallel or PARALLEL_ON_DISK)  # on disk, across processes
     NEG_INF = acc(-np.inf)
     ZERO = acc(0.0)
     ONE = acc(1.0)

@@ -97,12 +97,19 @@ def attach(dispatcher, variant):
     return dispatcher
 
 
-def cached(decorator, variant):
-    """``decorator`` (e.g. ``njit(parallel=True)``), with the disk cache for ``variant``
-    plus the kernel's name attached to each function it builds."""
+def cached(decorator, variant, on_disk=True):
+    """``decorator`` (e.g. ``njit``), with the disk cache for ``variant`` plus the kernel's
+    name attached to each function it builds; ``on_disk=False`` keeps it in-process only."""
     def build(fn):
-        return attach(decorator(fn), f"{variant}|{fn.__qualname__}")
+        kernel = decorator(fn)
+        return attach(kernel, f"{variant}|{fn.__qualname__}") if on_disk else kernel
     return build
+
+
+# numba's parallel builds, loaded back from its disk cache, gave rows that differ in the last
+# bit from the same build compiled in-process (and from the serial build), seen on numba 0.68
+# here: only serial builds go on disk, so a row's bits never depend on the cache's state.
+PARALLEL_ON_DISK = False
 
 
 def cache_location():

@@ -13,7 +13,7 @@ from numba import njit, prange
 
 from . import cpu_math as cm
 from .cpu import launch_shape  # noqa: F401  (same blocking as the generic kernels)
-from .cpu_cache import cached
+from .cpu_cache import PARALLEL_ON_DISK, cached
 
 MAX_C = 32
 _SQRT2_32 = np.float32(1.4142135623730951)
@@ -64,7 +64,8 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
     C = n_cls
     fm = cm.FASTMATH
     variant = f"small dtype={dtype_name} C={C} parallel={parallel} fastmath={sorted(fm)}"
-    outer = cached(njit(parallel=parallel, fastmath=fm, error_model="numpy"), variant)
+    outer = cached(njit(parallel=parallel, fastmath=fm, error_model="numpy"), variant,
+                   on_disk=not parallel or PARALLEL_ON_DISK)
     ZERO = acc(0.0)
     ONE = acc(1.0)
     NEG_INF = acc(-np.inf)

@@ -176,3 +176,24 @@ def test_cuda_warmup_calls_every_strategy_through_the_public_api(monkeypatch):
     assert labels == [f"float32 softmax {s}" for s in _warmup._CUDA_ROWS]
     assert [s for s, _, _ in seen] == list(_warmup._CUDA_ROWS)
     assert all(dt == "float32" for _, _, dt in seen)
+
+
+# A large call (parallel build) and a small one (serial build), as raw bytes.
+_BITS_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import gpuce
+    x = (np.random.default_rng(0).standard_normal((160, 1000)) * 3).astype(np.float32)
+    sys.stdout.write(gpuce.softmax(x).tobytes().hex() + " " + gpuce.softmax(x[:8]).tobytes().hex())
+""")
+
+
+def test_results_are_bitwise_the_same_whatever_the_cache_state(tmp_path):
+    """A process that compiled the kernels and one that found them on disk give the same
+    bits, and the parallel (large) and serial (small) builds agree row for row."""
+    env = _child_env(tmp_path)
+    runs = [subprocess.run([sys.executable, "-c", _BITS_CHILD], env=env, check=True,
+                           capture_output=True, text=True).stdout.split() for _ in range(2)]
+    assert runs[0] == runs[1]
+    large, small = (np.frombuffer(bytes.fromhex(h), np.float32) for h in runs[1])
+    assert np.array_equal(large.reshape(160, 1000)[:8], small.reshape(8, 1000))
