@@ -189,7 +189,10 @@ def _fwd_backward(ctx, grad_loss, *grad_grads):
     if grad_loss is None:
         return (None,) * 11
     gh, gc, gb = ctx.saved_tensors
-    if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:  # loss.backward(): as computed
+    # loss.backward() in eager mode: the gradients as computed (reading grad_loss is a
+    # data-dependent guard when torch.compile traces this backward, so not there)
+    if (grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
+            and float(grad_loss) == 1.0):
         return (gh, gc, None, gb if ctx.has_bias else None) + (None,) * 7
     go = grad_loss.to(acc_dtype(gh))
     gb_out = (gb * go).to(gb.dtype) if ctx.has_bias else None
