@@ -101,15 +101,19 @@ def _cpu_kernels():
     return _KERNELS_MODULE[0]
 
 
-def _launch(rows, dt, softcap, target_dt, name, *args):
-    """Run kernel ``name`` over ``rows``: small calls run a serial build on the calling
-    thread (no thread-pool launch, no thread-count juggling), large ones the parallel build."""
-    n_rows, n_cls = rows.shape
+def _run(rows, kernel_for, *args):
+    """Run ``kernel_for(parallel)`` over ``rows``: the serial build with one thread's task
+    shape for small calls and unsafe threading layers (see _parallel_for), else the parallel
+    build."""
     with _parallel_for(rows) as parallel:
-        if not parallel:
-            per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, 1)
-            return _kernels(dt, softcap, target_dt, serial=True)[name](*args, per_block, tasks)
-        return _kernels(dt, softcap, target_dt)[name](*args, *_launch_shape(rows))
+        n_threads = numba.get_num_threads() if parallel else 1
+        return kernel_for(parallel)(*args, *_cpu_kernels().launch_shape(*rows.shape, n_threads))
+
+
+def _launch(rows, dt, softcap, target_dt, name, *args):
+    """Run the dtype's kernel ``name`` over ``rows``."""
+    return _run(rows, lambda parallel: _kernels(dt, softcap, target_dt, not parallel)[name],
+                *args)
 
 
 def _small_ok(req, dt, n_cls, inplace, eps, zl):
@@ -122,14 +126,9 @@ _SMALL_MAX_C = 32
 
 
 def _launch_small(rows, dt, *args):
-    """Run the short-row kernel; like _launch, small calls take its serial build."""
-    n_rows, n_cls = rows.shape
-    make = _small_factory()
-    with _parallel_for(rows) as parallel:
-        if not parallel:
-            per_block, tasks = _cpu_kernels().launch_shape(n_rows, n_cls, 1)
-            return make(dt, n_cls, False)(rows, *args, per_block, tasks)
-        return make(dt, n_cls, True)(rows, *args, *_launch_shape(rows))
+    """Run the short-row kernel (one build per C) over ``rows``."""
+    make, n_cls = _small_factory(), rows.shape[1]
+    return _run(rows, lambda parallel: make(dt, n_cls, parallel), rows, *args)
 
 
 def _small_factory():
@@ -321,11 +320,6 @@ def _parallel_for(rows):
 def _check_writeable(a, name):
     if not a.flags.writeable:
         raise ValueError(f"{name}: the array is read-only, so the result cannot be written into it")
-
-
-def _launch_shape(rows):
-    from .kernels import cpu
-    return cpu.launch_shape(rows.shape[0], rows.shape[1], numba.get_num_threads())
 
 
 def _shares(rows, base):
