@@ -26,7 +26,10 @@ def namespace(**attrs):
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
-device = cuda.jit(device=True, inline="always")
+# Device functions are inlined by NVVM (LLVM's alwaysinline), not by Numba's IR inliner:
+# the same code after optimisation, at a fraction of the compile time. The simulator's jit
+# has no forceinline.
+device = cuda.jit(device=True) if SIMULATOR else cuda.jit(device=True, forceinline=True)
 
 
 @device

@@ -5,6 +5,8 @@ Used by tests/test_ptx.py and benchmarks/ptx_report.py. Needs numba-cuda with NV
 (``numba-cuda[cu13]``) and ``cuda.bindings.nvjitlink``; must run without the simulator.
 """
 import re
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 from numba import cuda
 
@@ -16,6 +18,25 @@ TARGETS = ((8, 0), (9, 0))
 def compile_ptx(name, key, ccs=TARGETS):
     """{cc: ptx text} of one kernel. Types and lowers once, then runs NVVM per target."""
     fn, sig, bound = cuda_registry.spec(name, key)
+    with _device_functions_for(min(ccs)):
+        return _compile(fn, sig, bound, ccs)
+
+
+@contextmanager
+def _device_functions_for(cc):
+    """Device functions (NVVM-inlined, not Numba-inlined) are compiled for the current
+    device's compute capability, which needs a driver; with no GPU, name the target here. It
+    only selects sm<60 atomics and the sm>=75 fast tanh, the same for every target above."""
+    from numba.cuda import dispatcher
+    current = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = current
+
+
+def _compile(fn, sig, bound, ccs):
     try:
         from numba.cuda import compiler
         lib, _ = compiler._compile_pyfunc_with_fixup(

@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda
 
-from .cuda_dtypes import SIMULATOR, namespace
+from .cuda_dtypes import SIMULATOR, device, namespace
 
 if SIMULATOR:
     from . import cuda_simulator
@@ -34,7 +34,6 @@ def reductions(acc_np):
     """Reduction device functions for accumulator type ``acc_np`` (np.float32 / np.float64)."""
     NEG_INF = acc_np(-math.inf)
     ZERO = acc_np(0.0)
-    device = cuda.jit(device=True, inline="always")
 
     @device
     def merge(m1, s1, m2, s2):
@@ -124,7 +123,6 @@ def grid_sums():
     call gives the same bits; the grid must be a fixed function of the problem size."""
     RD = reductions(np.float64)
     ZERO = np.float64(0.0)
-    device = cuda.jit(device=True, inline="always")
 
     @device
     def last_block_done(ctr, slot, flag):

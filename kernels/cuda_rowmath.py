@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, types
 
-from .cuda_dtypes import namespace, traits
+from .cuda_dtypes import device, namespace, traits
 
 IDLE, ACTIVE, BAD = 0, 1, 2
 U = types.uint64  # unsigned indices: no negative-index wraparound code
@@ -38,7 +38,6 @@ def rowmath(dt, qdt=None):
     store = T.store
     NEG_INF, ZERO, ONE, TWO = A(-np.inf), A(0.0), A(1.0), A(2.0)
     INF, NAN = A(np.inf), A(np.nan)
-    device = cuda.jit(device=True, inline="always")
 
     @device
     def capped(z, cap):

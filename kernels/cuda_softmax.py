@@ -12,7 +12,7 @@ from functools import lru_cache
 from numba import cuda, types
 
 from .cuda_cross_entropy import U, WARP_SHAPES, warp_shape
-from .cuda_dtypes import array, traits
+from .cuda_dtypes import array, device, traits
 from .cuda_reduce import reductions
 from .cuda_rowmath import rowmath
 from .cuda_vec import access, step_elems
@@ -43,14 +43,14 @@ def softmax_kernel(strategy, dt, vec=False):
     K = step_elems(dt) if vec else 1  # elements per memory access
     AX = access(dt, K)
 
-    @cuda.jit(device=True, inline="always")
+    @device
     def row_end(s, m):
         """(1/s or 0, log s) from a finite_max'd m and s = sum exp(x - m)."""
         if s > ZERO:
             return ONE / s, math.log(s)
         return ZERO, NEG_INF
 
-    @cuda.jit(device=True, inline="always")
+    @device
     def result(z_or_e, m, inv, log_s, mode, is_e):
         """softmax from e = exp(z - m) (is_e) or z; log_softmax from z."""
         if mode == SOFTMAX:

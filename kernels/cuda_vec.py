@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, types
 
-from .cuda_dtypes import SIMULATOR, traits
+from .cuda_dtypes import SIMULATOR, device, traits
 
 BYTES = 16
 U = types.uint64
@@ -161,7 +161,6 @@ else:
     f16_lo = _f16_intrinsic(0)
     f16_hi = _f16_intrinsic(16)
 
-    device = cuda.jit(device=True, inline="always")
 
     @device
     def f32_of(w):
@@ -196,7 +195,6 @@ else:
 def access(dt, K):
     """Namespace(K, load, store) for rows of dtype ``dt`` in steps of K elements."""
     T = traits(dt)
-    device = cuda.jit(device=True, inline="always")
     if K == 1:
         load1, store1 = T.load, T.store
 
