@@ -1,10 +1,12 @@
 """What chunked cross-entropy needs besides the kernel: the chunk size and the mean's divisors.
 
 Shared by the numpy/CuPy linear CE (``gpuce.linear``) and the torch ops
-(``gpuce.torch_scale``). Only array methods common to numpy, CuPy and torch are used, so
+(``gpuce.torch_linear``, ``gpuce.torch_vocab_parallel``). Only array methods common to numpy, CuPy and torch are used, so
 device arrays stay on the device (no host sync).
 """
-DEFAULT_MEMORY_BUDGET = 24 << 20  # bytes of per-chunk logits and their fp32 copies
+from ._api import cross_entropy, cross_entropy_with_grad
+
+DEFAULT_MEMORY_BUDGET = 24 << 20  # bytes of per-chunk logits (and their copies, where made)
 
 
 def check_chunking(chunk_rows, memory_budget_bytes):
@@ -22,11 +24,33 @@ def check_chunking(chunk_rows, memory_budget_bytes):
 
 
 def rows_per_chunk(n_rows, n_cls, bytes_per_logit, chunk_rows=None, memory_budget_bytes=None):
-    """``chunk_rows`` if given, else as many rows as fit the budget (at least 1)."""
+    """``chunk_rows`` if given, else as many rows as fit the budget (at least 1), evened out
+    over the chunks that takes (no small last chunk: it would run slow GEMMs)."""
     if chunk_rows is None:
         budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
-        chunk_rows = max(1, budget // max(1, n_cls * bytes_per_logit))
+        fit = max(1, budget // max(1, n_cls * bytes_per_logit))
+        n_chunks = -(-n_rows // fit)
+        chunk_rows = -(-n_rows // max(1, n_chunks))
     return max(1, min(chunk_rows, n_rows))
+
+
+def kernel_on_chunk(logits, target, rows, want_grad, grad_output, loss_out, kw):
+    """gpuce's fused kernel on the logits of ``rows`` (a slice of the flat rows), with
+    ``kw["reduction"]`` 'none' or 'sum'. The loss goes into ``loss_out``: its rows of a 1-d
+    array ('none'), else added to a 0-d running sum. ``grad_output``: per-row (sliced here,
+    or None for ones) for 'none', a 0-d scale for 'sum'. Returns the gradient, written over
+    the logits, or None when ``want_grad`` is False."""
+    per_row = kw["reduction"] == "none"
+    go = grad_output[rows] if per_row and grad_output is not None else grad_output
+    if want_grad:
+        loss, g = cross_entropy_with_grad(logits, target[rows], grad_output=go, inplace=True, **kw)
+    else:
+        loss, g = cross_entropy(logits, target[rows], **kw), None
+    if per_row:
+        loss_out[rows] = loss
+    else:
+        loss_out += loss
+    return g
 
 
 def _safe_inverse(den):

@@ -116,6 +116,19 @@ def _launch(rows, dt, softcap, target_dt, name, *args):
                 *args)
 
 
+def add_into(total, part):
+    """``total += part`` for 2-d C-contiguous CPU arrays/tensors of one shape: ``part`` in any
+    float dtype, ``total`` in its accumulation dtype (fp32; fp64 for fp64). One launch, and
+    no widened copy of ``part``."""
+    dt = dtype_name(part)
+    x, acc = raw(to_numpy(part), dt), to_numpy(total)
+    if x.shape != acc.shape or x.ndim != 2 or acc.dtype != _ACC[dt]:
+        raise ValueError(f"total: expected a {_ACC[dt].__name__} array of shape {x.shape}")
+    if not (x.flags.c_contiguous and acc.flags.c_contiguous and acc.flags.writeable):
+        raise ValueError("total, part: expected C-contiguous arrays (total writeable)")
+    _launch(x, dt, None, None, "add_into", x, acc)
+
+
 def _small_ok(req, dt, n_cls, inplace, eps, zl):
     """Whether the short-row kernel (C a compile-time constant) covers this call."""
     return (n_cls <= _SMALL_MAX_C and dt in ("float32", "float64") and not inplace

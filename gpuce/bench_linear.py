@@ -1,15 +1,15 @@
 """``gpuce bench --op linear_ce``: linear layer + cross-entropy, fwd+bwd, time and peak memory.
 
     gpuce bench --op linear_ce [--shape N,H,V] [--dtypes fp32 bf16] [--impls ...]
-                [--repeats R] [--quick] [--json PATH] [--markdown PATH]
+                [--repeats R] [--rounds K] [--quick] [--json PATH] [--markdown PATH]
 
 Implementations (torch, on the CPU or one GPU):
 - ``naive``: ``logits = hidden @ classifier.T``, ``F.cross_entropy``, ``loss.backward()``.
 - ``unchunked``: the same parts as gpuce's, without chunks: one matmul, gpuce's fused
   loss+grad kernel in place on the whole (N, V) logits, two matmuls for the gradients.
 - ``unchunked_fp32acc`` (half dtypes only): the same, with the classifier's gradient GEMM in
-  fp32 on upcast operands, as gpuce's chunks do it on the CPU (torch has no bf16 GEMM with an
-  fp32 output there), so the ratio isolates the cost of chunking.
+  fp32 on upcast operands (exact products summed in fp32; torch's CPU has no bf16 GEMM with
+  an fp32 output), the price of an fp32 weight gradient without chunking.
 - ``gpuce``: ``gpuce.torch.linear_cross_entropy`` (default memory budget), fwd+bwd.
 - ``cce``: Apple's cut-cross-entropy, ``impl="torch_compile"`` (runs on the CPU), if installed.
 - ``liger``: Liger-Kernel's LigerFusedLinearCrossEntropyLoss, on a GPU only.
@@ -20,7 +20,9 @@ and torch.compile warm-up), frees the gradients, resets the kernel's peak-RSS co
 (``/proc/self/clear_refs``), runs one fwd+bwd and reads the peak (VmHWM). Peak extra memory =
 peak RSS - RSS before that run (inputs included) - the returned gradients' bytes. Then the
 median time of ``--repeats`` fwd+bwd runs. On CUDA the same with torch's peak allocator
-statistics. Ratios compare implementations measured in the same run.
+statistics. Ratios compare implementations measured in the same run; ``--rounds K`` runs
+the whole set K times, interleaved, and reports medians over the rounds (for a loaded
+machine, whose load then falls on every case alike).
 """
 import argparse
 import json
@@ -167,10 +169,23 @@ def run_case(impl, dtype, shape, repeats, device, timeout=1800):
     return json.loads(lines[-1])
 
 
+def _over_rounds(runs):
+    """One case's rounds as one row: median time and median peak over the rounds that ran."""
+    ok = [r for r in runs if "time_s" in r]
+    if not ok:
+        return runs[-1]
+    row = dict(ok[0], rounds=len(ok), times=[t for r in ok for t in r["times"]])
+    row["time_s"] = statistics.median(r["time_s"] for r in ok)
+    row["peak_extra_bytes"] = int(statistics.median(r["peak_extra_bytes"] for r in ok))
+    return row
+
+
 def format_markdown(doc):
     n, h, v = doc["shape"]
     out = [f"Linear + cross-entropy fwd+bwd, (N, H, V) = ({n}, {h}, {v}), {doc['device']}, "
-           f"median of {doc['repeats']} runs; peak extra memory = peak RSS above inputs and "
+           f"median of {doc['repeats']} runs" + (
+               f", median over {doc['rounds']} interleaved rounds" if doc.get("rounds", 1) > 1
+               else "") + "; peak extra memory = peak RSS above inputs and "
            "returned gradients, fresh process per case.", "",
            "| dtype | impl | time (s) | × unchunked | peak extra (MiB) | × naive memory | loss |",
            "|---|---|---|---|---|---|---|"]
@@ -198,6 +213,9 @@ def build_parser():
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole set of cases this many times, interleaved (a loaded "
+                        "machine then slows every case alike); report medians over rounds")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="(1024, 256, 8000), 2 repeats")
     p.add_argument("--json", metavar="PATH")
@@ -216,18 +234,20 @@ def main(argv=None):
     shape = [int(x) for x in (args.shape or ("1024,256,8000" if args.quick
                                              else "4096,512,32000")).split(",")]
     repeats = 2 if args.quick and args.repeats == 3 else args.repeats
-    results = []
-    for dt in args.dtypes:
-        for impl in args.impls:
-            if impl == "unchunked_fp32acc" and dt in ("fp32", "fp64"):
-                continue  # the same as unchunked
+    cases = [(dt, impl) for dt in args.dtypes for impl in args.impls
+             if not (impl == "unchunked_fp32acc" and dt in ("fp32", "fp64"))]  # = unchunked
+    runs = {case: [] for case in cases}
+    for r in range(args.rounds):
+        for dt, impl in cases:
             why = _available(impl, args.device)
             if why:
-                results.append(dict(impl=impl, dtype=DTYPES[dt], skipped=why))
+                runs[dt, impl] = [dict(impl=impl, dtype=DTYPES[dt], skipped=why)]
                 continue
-            print(f"  {impl} {dt} ...", file=sys.stderr, flush=True)
-            results.append(run_case(impl, DTYPES[dt], shape, repeats, args.device))
-    doc = dict(shape=shape, device=args.device, repeats=repeats, results=results,
+            print(f"  round {r + 1}/{args.rounds}: {impl} {dt} ...", file=sys.stderr, flush=True)
+            runs[dt, impl].append(run_case(impl, DTYPES[dt], shape, repeats, args.device))
+    results = [_over_rounds(runs[case]) for case in cases]
+    doc = dict(shape=shape, device=args.device, repeats=repeats, rounds=args.rounds,
+               results=results,
                dtypes=[DTYPES[d] for d in args.dtypes], cpu_count=os.cpu_count(),
                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     text = format_markdown(doc)

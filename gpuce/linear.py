@@ -3,14 +3,15 @@
 For numpy arrays (CPU) and CuPy arrays (GPU). Each chunk of rows runs
 ``logits = hidden_c @ classifier.T (+ bias)`` with the array library's own matmul, gpuce's
 fused kernel in place on those logits, then ``grad_hidden_c = g @ classifier`` and
-``grad_classifier += g.T @ hidden_c``, accumulated in fp32 (fp64 for fp64). The torch
-version, with autograd, is ``gpuce.torch.linear_cross_entropy``.
+``grad_classifier += g.T @ hidden_c``, accumulated in fp32 (fp64 for fp64). numpy has no
+bf16/fp16 BLAS, so half inputs run their matmuls in fp32 on upcast chunks (exact products,
+slower than torch's half GEMMs). The torch version, with autograd, is
+``gpuce.torch.linear_cross_entropy``.
 """
 import numpy as np
 
 from . import _checks
-from ._api import cross_entropy, cross_entropy_with_grad
-from ._chunking import check_chunking, mean_plan, rows_per_chunk
+from ._chunking import check_chunking, kernel_on_chunk, mean_plan, rows_per_chunk
 
 _HALF = ("float16", "bfloat16")
 _V_BLOCK = 4096  # classifier rows per block of the weight-gradient update (bounds its temporary)
@@ -136,6 +137,7 @@ def _run(hidden, classifier, target, bias, weight, ignore_index, reduction, labe
     ce_buf = xp.empty((c, n_cls), dtype=hidden.dtype) if half else logits_buf   # kernel, in place
     loss_rows = xp.empty(n, dtype=acc) if reduction == "none" else None
     loss_sum = xp.zeros((), dtype=np.float64 if xp is np else acc)
+    loss_out, go_all = (loss_rows, go_rows) if reduction == "none" else (loss_sum, scale)
     if want_grad:
         grad_h = xp.empty((n, n_h), dtype=hidden.dtype)
         grad_c = xp.zeros((n_cls, n_h), dtype=acc)
@@ -153,17 +155,7 @@ def _run(hidden, classifier, target, bias, weight, ignore_index, reduction, labe
         ce_in = ce_buf[:stop - start]
         if half:
             ce_in[...] = logits  # the kernel sees logits rounded to the input dtype
-        if not want_grad:
-            loss = cross_entropy(ce_in, t2[start:stop], **kw)
-        else:
-            go_c = scale if reduction != "none" else (
-                None if go_rows is None else go_rows[start:stop])
-            loss, g = cross_entropy_with_grad(ce_in, t2[start:stop], grad_output=go_c,
-                                              inplace=True, **kw)
-        if reduction == "none":
-            loss_rows[start:stop] = loss
-        else:
-            loss_sum += loss
+        g = kernel_on_chunk(ce_in, t2, slice(start, stop), want_grad, go_all, loss_out, kw)
         if not want_grad:
             continue
         if half:

@@ -2,9 +2,11 @@
 
 Each chunk of rows: ``logits = hidden_c @ classifier.T (+ bias)`` (torch's matmul, into one
 reused buffer), gpuce's fused kernel in place, ``grad_hidden_c = g @ classifier`` (written
-into its rows of grad_hidden) and ``grad_classifier += g.T @ hidden_c`` with ``addmm_`` into
-one fp32 (fp64 for fp64) buffer -- no [V, H] temporary per chunk. The full (N, V) logits
-never exist.
+into its rows of grad_hidden) and ``grad_classifier += g.T @ hidden_c`` summed in one fp32
+(fp64 for fp64) buffer (``ClassifierGrad``): ``addmm_`` for fp32/fp64; for bf16/fp16 every
+matmul runs in the input dtype (fp32 accumulation inside the GEMM, each chunk's product
+rounded once) and the products are added in fp32 -- no [V, H] temporary per chunk. The
+full (N, V) logits never exist.
 
 For 'mean' and 'sum' the forward computes the gradients (with grad_output 1) and the
 backward scales them by grad_output, as gpuce.torch.cross_entropy does. For 'none' the
@@ -21,15 +23,58 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import gpuce
-
-from ._chunking import check_chunking, mean_plan, rows_per_chunk
+from . import _cpu
+from ._chunking import check_chunking, kernel_on_chunk, mean_plan, rows_per_chunk
 
 _NO_BIAS = (0,)  # custom ops cannot return None: "no bias" gives an empty grad_bias
 
 
 def acc_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class ClassifierGrad:
+    """``Σ_chunks g.T @ h_c`` (and ``Σ g`` for the bias), summed in fp32 (fp64 for fp64).
+
+    fp32/fp64: ``addmm_`` into the accumulator. Half dtypes: each chunk's product is one
+    GEMM in the input dtype, which accumulates in fp32 inside and rounds once (torch's CPU
+    has no half GEMM with an fp32 output, and its fp32 GEMM is ~4x slower than bf16). The
+    product goes into the returned gradient's own buffer, then into the fp32 sum; the buffer
+    receives the rounded sum at the end. No [V, H] temporary besides the accumulator.
+    """
+
+    def __init__(self, classifier, bias):
+        acc = acc_dtype(classifier)
+        dev = classifier.device
+        self.half = classifier.dtype != acc
+        self.sum_c = torch.zeros(classifier.shape, dtype=acc, device=dev)
+        self.sum_b = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=dev)
+        if self.half:
+            self.out_c = torch.empty(classifier.shape, dtype=classifier.dtype, device=dev)
+            self.out_b = None if bias is None else torch.empty(bias.shape, dtype=bias.dtype,
+                                                               device=dev)
+
+    def add(self, g, h_c):
+        """Adds one chunk: g (rows, V) and h_c (rows, H), both in the classifier's dtype."""
+        if not self.half:
+            self.sum_c.addmm_(g.t(), h_c)
+            if self.sum_b is not None:
+                self.sum_b += g.sum(0)
+            return
+        torch.matmul(g.t(), h_c, out=self.out_c)
+        _widening_add(self.sum_c, self.out_c)
+        if self.sum_b is not None:
+            torch.sum(g, 0, out=self.out_b)  # fp32 inside, rounded once, as the GEMM
+            self.sum_b += self.out_b
+
+    def result(self):
+        """(grad_classifier, grad_bias or None) in the classifier's dtype."""
+        if not self.half:
+            return self.sum_c, self.sum_b
+        self.out_c.copy_(self.sum_c)
+        if self.out_b is not None:
+            self.out_b.copy_(self.sum_b)
+        return self.out_c, self.out_b
 
 
 def _scale_for(reduction, t2, weight, ignore_index, n_rows, soft, acc, device):
@@ -61,15 +106,14 @@ def chunked_linear_ce(hidden, classifier, target, bias, weight, ignore_index, re
     logits_buf = torch.empty((c, n_cls), dtype=hidden.dtype, device=dev)
     loss_rows = torch.empty(n, dtype=acc, device=dev) if reduction == "none" else None
     loss_sum = torch.zeros((), dtype=acc, device=dev)
-    grad_h = grad_c = grad_b = None
+    loss_out, go_all = (loss_rows, go_rows) if reduction == "none" else (loss_sum, factor)
+    grad_h = weight_grad = None
     if want_grad:
         grad_h = torch.empty((n, n_h), dtype=hidden.dtype, device=dev)
-        grad_c = torch.zeros((n_cls, n_h), dtype=acc, device=dev)
-        grad_b = None if bias is None else torch.zeros(n_cls, dtype=acc, device=dev)
+        weight_grad = ClassifierGrad(classifier, bias)
     kw = dict(weight=w, ignore_index=ignore_index, reduction=chunk_reduction,
               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     cls_t = classifier.t()
-    g32_buf = None
     for start in range(0, n, c):
         stop = min(start + c, n)
         h_c = h2[start:stop]
@@ -78,39 +122,24 @@ def chunked_linear_ce(hidden, classifier, target, bias, weight, ignore_index, re
             torch.matmul(h_c, cls_t, out=logits)
         else:
             torch.addmm(bias, h_c, cls_t, out=logits)
-        if not want_grad:
-            loss = gpuce.cross_entropy(logits, t2[start:stop], **kw)
-        else:
-            go_c = factor if reduction != "none" else (
-                None if go_rows is None else go_rows[start:stop])
-            loss, g = gpuce.cross_entropy_with_grad(logits, t2[start:stop], grad_output=go_c,
-                                                    inplace=True, **kw)
-        if reduction == "none":
-            loss_rows[start:stop] = loss
-        else:
-            loss_sum += loss
+        g = kernel_on_chunk(logits, t2, slice(start, stop), want_grad, go_all, loss_out, kw)
         if not want_grad:
             continue
         torch.matmul(g, classifier, out=grad_h[start:stop])
-        if g.dtype == acc:
-            grad_c.addmm_(g.t(), h_c)
-            if grad_b is not None:
-                grad_b += g.sum(0)
-        else:  # half precision: an fp32 copy of the chunk (contiguous: a fast copy), so
-            # the sums over chunks stay fp32 (torch's CPU has no bf16 GEMM with fp32 output)
-            if g32_buf is None:
-                g32_buf = torch.empty((c, n_cls), dtype=acc, device=dev)
-            g32 = g32_buf[:stop - start]
-            g32.copy_(g)
-            grad_c.addmm_(g32.t(), h_c.to(acc))
-            if grad_b is not None:
-                grad_b += g32.sum(0)
+        weight_grad.add(g, h_c)
     loss = loss_rows.reshape(hidden.shape[:-1]) if reduction == "none" else loss_sum * factor
     if not want_grad:
         return loss, None, None, None
-    del logits_buf, g32_buf  # freed before the fp32 accumulators are rounded to their dtypes
-    return (loss, grad_h.reshape(hidden.shape), grad_c.to(classifier.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype))
+    del logits_buf  # freed before the accumulators are rounded to their dtypes
+    grad_c, grad_b = weight_grad.result()
+    return loss, grad_h.reshape(hidden.shape), grad_c, grad_b
+
+
+def _widening_add(total, part):
+    if total.device.type == "cpu":
+        _cpu.add_into(total, part)  # torch's CPU add would widen all of part into a copy first
+    else:
+        total += part  # its GPU kernels widen on the fly
 
 
 # ---- the operators --------------------------------------------------------------------
@@ -267,8 +296,10 @@ def linear_cross_entropy(hidden: Tensor, classifier: Tensor, target: Tensor,
     target: class indices of shape hidden.shape[:-1], or probabilities (..., V).
     weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
     gpuce.torch.cross_entropy. chunk_rows: rows per chunk; by default as many as fit
-    ``memory_budget_bytes`` (24 MiB) of chunk logits. The classifier's and bias's gradients
-    are accumulated over chunks in fp32 (fp64 for fp64) and rounded once.
+    ``memory_budget_bytes`` (24 MiB) of chunk logits, evened out over the chunks. The
+    classifier's and bias's gradients are summed over chunks in fp32 (fp64 for fp64) and
+    rounded once; in bf16/fp16 each chunk's product is a GEMM in that dtype (fp32 inside,
+    rounded once per chunk).
     Works under ``torch.compile(fullgraph=True)``.
     """
     from .torch import _check_options
@@ -277,9 +308,8 @@ def linear_cross_entropy(hidden: Tensor, classifier: Tensor, target: Tensor,
     check_chunking(chunk_rows, memory_budget_bytes)
     _check(hidden, classifier, target, bias, weight)
     n_rows = hidden.numel() // max(1, hidden.shape[-1])
-    half = hidden.dtype in (torch.float16, torch.bfloat16)
-    per_logit = hidden.element_size() + (4 if half else 0)  # the chunk, and its fp32 copy
-    rows = rows_per_chunk(n_rows, classifier.shape[0], per_logit, chunk_rows, memory_budget_bytes)
+    rows = rows_per_chunk(n_rows, classifier.shape[0], hidden.element_size(), chunk_rows,
+                          memory_budget_bytes)
     args = (hidden, classifier, target, bias, weight, ignore_index, reduction, label_smoothing,
             z_loss, softcap, rows)
     needs_grad = torch.is_grad_enabled() and any(

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import _vocab_parallel as vp
 from ._chunking import check_chunking, rows_per_chunk
-from .torch_linear import acc_dtype
+from .torch_linear import ClassifierGrad, acc_dtype
 
 
 def _all_gather_stats(stats, group):
@@ -121,8 +121,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         acc = acc_dtype(h2)
         go = _row_go(grad_loss, n)
         grad_h = torch.empty(h2.shape, dtype=acc, device=h2.device)  # summed over ranks in fp32
-        grad_c = torch.zeros(classifier.shape, dtype=acc, device=h2.device)
-        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=h2.device)
+        weight_grad = ClassifierGrad(classifier, bias)
         pending = []
         for start in range(0, n, chunk):
             sl = slice(start, min(start + chunk, n))
@@ -136,14 +135,12 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 grad_h[sl] = torch.matmul(g, classifier)
             # grad_hidden sums every rank's share: start that now, update grad_classifier meanwhile
             pending.append(dist.all_reduce(grad_h[sl], group=ctx.group, async_op=True))
-            g_acc = g if g.dtype == acc else g.to(acc)
-            grad_c.addmm_(g_acc.t(), h2[sl] if h2.dtype == acc else h2[sl].to(acc))
-            if grad_b is not None:
-                grad_b += g_acc.sum(0)
+            weight_grad.add(g, h2[sl])
         for work in pending:
             work.wait()
-        return (grad_h.to(h2.dtype).reshape(ctx.hidden_shape), grad_c.to(classifier.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+        grad_c, grad_b = weight_grad.result()
+        return (grad_h.to(h2.dtype).reshape(ctx.hidden_shape), grad_c, grad_b,
+                None, None, None, None, None)
 
 
 def _logits(h, classifier, bias):

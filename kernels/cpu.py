@@ -376,10 +376,25 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
                 ce_soft_block_inplace(x, x, e, m, s, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
                               True)
 
+    # ---- accumulation (chunked linear CE: a half-precision partial into an fp32 sum) ----
+
+    @outer
+    def add_into(x, total, per_block, n_tasks):
+        """total += x, each element widened to the accumulation dtype on the fly."""
+        n_rows, n_cls = x.shape
+        for t in prange(n_tasks):
+            for b in task_blocks(t, n_tasks, n_rows, per_block):
+                r0, r1 = block_bounds(b, n_rows, per_block)
+                for r in range(r0, r1):
+                    xr = x[r]
+                    tr = total[r]
+                    for c in range(n_cls):
+                        tr[c] += load(xr[c])
+
     return {
         "softmax": softmax, "log_softmax": log_softmax, "logsumexp": logsumexp,
         "ce_hard": ce_hard, "ce_hard_inplace": ce_hard_inplace,
-        "ce_soft": ce_soft, "ce_soft_inplace": ce_soft_inplace,
+        "ce_soft": ce_soft, "ce_soft_inplace": ce_soft_inplace, "add_into": add_into,
     }
 
 

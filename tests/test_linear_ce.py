@@ -134,10 +134,13 @@ def test_torch_compile_fullgraph(reduction, rng):
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_bf16_accumulates_classifier_grad_in_fp32(lib, rng):
     """One row per chunk vs one chunk: with fp32 accumulation the classifier gradient is
-    the same up to rounding the sum once (a bf16 running sum over 256 chunks would drift)."""
+    the same up to rounding the sum once (a bf16 running sum over 256 chunks would drift).
+    hidden holds signed powers of two, so a one-row chunk's product g_r * h_r is exact in
+    bf16: torch rounds each chunk's product once (a bf16 GEMM), and here that is a no-op."""
     import ml_dtypes
     n = 256
     h, c, b, t, w, kw = _inputs(rng, {}, shape=(n,))
+    h = np.sign(h) * 2.0 ** rng.integers(-2, 3, h.shape)
     grads = []
     for rows in (1, n):
         if lib == "numpy":
@@ -183,10 +186,10 @@ def test_zero_target_weights_keep_z_loss(rng):
 
 def test_memory_budget_sets_chunks(monkeypatch, rng):
     """The default chunk follows memory_budget_bytes; chunk_rows overrides it."""
-    from gpuce import linear
+    from gpuce import _chunking
     seen = []
-    real = linear.cross_entropy_with_grad
-    monkeypatch.setattr(linear, "cross_entropy_with_grad",
+    real = _chunking.cross_entropy_with_grad
+    monkeypatch.setattr(_chunking, "cross_entropy_with_grad",
                         lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
     h, c, b, t, w, kw = _inputs(rng, {})
     gpuce.linear_cross_entropy_with_grad(h, c, t, memory_budget_bytes=V * 8 * 10)
@@ -232,3 +235,18 @@ def test_bench_linear_child_measures(rng):
                results=rows + [dict(impl="liger", dtype="float32", skipped="needs a GPU")])
     text = bench_linear.format_markdown(doc)
     assert "| float32 | gpuce |" in text and "needs a GPU" in text and "| 1.00 |" in text
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_cpu_add_into_widens_in_place(dtype, rng):
+    """The chunked half-precision path's fp32 sum: total += part, part widened on the fly."""
+    from gpuce import _cpu
+    part = torch.tensor(rng.standard_normal((37, 70)), dtype=getattr(torch, dtype))
+    total = torch.tensor(rng.standard_normal((37, 70)), dtype=torch.float32)
+    want = total + part.float()  # exact widening, then one fp32 rounding per element
+    _cpu.add_into(total, part)
+    assert torch.equal(total, want)
+    with pytest.raises(ValueError, match="total"):
+        _cpu.add_into(total[:, :5], part)
+    with pytest.raises(ValueError, match="total"):
+        _cpu.add_into(total.double(), part)
