@@ -51,8 +51,14 @@ def launch_shape(n_rows, n_cls, n_threads):
     return per_block, max(1, min(n_blocks, 4 * n_threads))
 
 
-@lru_cache(maxsize=None)
 def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True, masked=False):
+    """The kernel set of one variant (built once: see _make_kernels)."""
+    return _make_kernels(dtype_name, bool(softcapped), target_dtype_name, bool(parallel),
+                         bool(masked))
+
+
+@lru_cache(maxsize=None)
+def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
     """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
     ``parallel=False`` gives the same kernels compiled serially (prange runs as range).
 
