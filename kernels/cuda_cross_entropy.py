@@ -50,7 +50,7 @@ from numba import cuda, types
 
 from .cuda_dtypes import DTYPES, array, traits
 from .cuda_reduce import grid_sums, reductions
-from .cuda_rowmath import ACTIVE, IDLE, rowmath
+from .cuda_rowmath import ACTIVE, BAD, IDLE, rowmath
 from .cuda_vec import access, step_elems
 from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
 
