@@ -101,7 +101,8 @@ def _contiguous(t):
 @torch.library.custom_op("gpuce::cross_entropy_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
             reduction: str, label_smoothing: float, z_loss: float,
-            softcap: Optional[float], class_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+            softcap: Optional[float],
+            class_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     loss, grad = gpuce.cross_entropy_with_grad(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, class_mask=class_mask)
@@ -110,7 +111,7 @@ def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_ind
 
 @_ce_fwd.register_fake
 def _ce_fwd_fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                 softcap, class_mask):
+                 softcap, class_mask=None):
     _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                 softcap, class_mask, True)
     return _fake_loss(logits, reduction), torch.empty_like(logits,
@@ -120,7 +121,7 @@ def _ce_fwd_fake(logits, target, weight, ignore_index, reduction, label_smoothin
 @torch.library.custom_op("gpuce::cross_entropy", mutates_args=())
 def _ce_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
              reduction: str, label_smoothing: float, z_loss: float,
-             softcap: Optional[float], class_mask: Optional[Tensor]) -> Tensor:
+             softcap: Optional[float], class_mask: Optional[Tensor] = None) -> Tensor:
     return gpuce.cross_entropy(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, class_mask=class_mask)
@@ -128,7 +129,7 @@ def _ce_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_in
 
 @_ce_loss.register_fake
 def _ce_loss_fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                  softcap, class_mask):
+                  softcap, class_mask=None):
     _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                 softcap, class_mask, False)
     return _fake_loss(logits, reduction)
@@ -137,7 +138,8 @@ def _ce_loss_fake(logits, target, weight, ignore_index, reduction, label_smoothi
 @torch.library.custom_op("gpuce::cross_entropy_fwd_", mutates_args=("logits",))
 def _ce_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-                    softcap: Optional[float], class_mask: Optional[Tensor]) -> Tensor:
+                    softcap: Optional[float],
+                    class_mask: Optional[Tensor] = None) -> Tensor:
     loss, _ = gpuce.cross_entropy_with_grad(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, inplace=True,
@@ -147,7 +149,7 @@ def _ce_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
 
 @_ce_fwd_inplace.register_fake
 def _ce_fwd_inplace_fake(logits, target, weight, ignore_index, reduction, label_smoothing,
-                         z_loss, softcap, class_mask):
+                         z_loss, softcap, class_mask=None):
     _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                 softcap, class_mask, True, inplace=True)
     return _fake_loss(logits, reduction)
