@@ -102,7 +102,8 @@ def ref_cross_entropy(logits, target, weight=None, ignore_index=-100, reduction=
         onehot[np.arange(n), ys] = 1.0
         # q: the effective per-class coefficient of -log p, per row
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = (1 - eps) * onehot * w[ys][:, None] + np.where(live, eps / n_live, 0.0) * w[None, :]
+            smooth = np.where(live, eps / n_live, 0.0)  # over the live classes
+            q = (1 - eps) * onehot * w[ys][:, None] + smooth * w[None, :]
         q = q * kept[:, None]
         den_ce = float(np.sum(w[ys] * kept))
         den_z = float(np.sum(kept))
@@ -136,5 +137,6 @@ def ref_cross_entropy(logits, target, weight=None, ignore_index=-100, reduction=
         go = np.full(n, 1.0 if grad_output is None else float(as_f64(grad_output)))
     gz = go[:, None] * (a_ce * gz_ce + a_z * gz_z)
     if softcap is not None:
-        gz = gz * (1 - np.tanh(x2 / softcap) ** 2)
+        with np.errstate(invalid="ignore"):
+            gz = np.where(live, gz * (1 - np.tanh(x2 / softcap) ** 2), 0.0)
     return loss, gz.reshape(shape)
