@@ -205,7 +205,7 @@ def rowmath(dt, qdt=None):
     @device
     def masked_target(state, y, mask, mo):
         """A kept row whose target class is masked is a bad target: NaN loss, zero grad."""
-        if state == ACTIVE and not mask[U(mo + y)]:
+        if state == ACTIVE and y >= 0 and not mask[U(mo + y)]:  # (soft targets: y = -1)
             return BAD, y
         return state, y
 
@@ -213,7 +213,9 @@ def rowmath(dt, qdt=None):
     def live_smooth(eps, n_live, row, m_stride):
         """eps spread over the row's live classes (n_live: their counts, one per mask row)."""
         if eps > ZERO:
-            return eps / n_live[U(row if m_stride != 0 else 0)]
+            n = n_live[U(row if m_stride != 0 else 0)]
+            if n > ZERO:  # (a row with every class masked has nothing to smooth over)
+                return eps / n
         return ZERO
 
     @device
