@@ -68,10 +68,12 @@ def test_reference_mask_equals_dropping_the_columns(rng, soft):
 
 # ---- softmax / log_softmax ----------------------------------------------------------------
 
+# (each dtype is a numba compile of the masked kernels: a few seconds of CI each, so the
+# other dtypes' masked paths are covered by the cross-entropy cases below)
 @pytest.mark.parametrize("shape", [SHAPE, SHAPE_SHORT], ids=["C70", "C9"])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", CPU_KINDS, ids=repr)
 def test_softmax_with_mask(kind, dtype, log, per_row, shape, rng):
     x = make_logits(rng, shape, dtype)
@@ -116,9 +118,11 @@ OPTIONS = {
 }
 
 
-CE_CASES = [(dt, opt, path) for dt in ("float32", "bfloat16") for opt in OPTIONS
-            for path in ("alloc", "out", "inplace")] + [
-    ("float64", "smooth_weight", "alloc"), ("float16", "plain", "alloc")]
+# every option and output path in float32; the other dtypes' load/store/-inf words once each
+CE_CASES = [("float32", opt, path) for opt in OPTIONS for path in ("alloc", "out", "inplace")
+            if path != "inplace" or opt in ("smooth_weight", "soft")]
+CE_CASES += [("bfloat16", "plain", "alloc"), ("bfloat16", "soft", "out"),
+             ("float64", "smooth_weight", "alloc"), ("float16", "plain", "alloc")]
 
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
@@ -291,8 +295,7 @@ def test_torch_ops_opcheck_with_mask(rng):
                           (x.clone().requires_grad_(), y, None, -100, "mean", 0.1, 0.0, None,
                            mask), test_utils=basic)
     torch.library.opcheck(torch.ops.gpuce.cross_entropy.default,
-                          (x, y, None, 2, "none", 0.1, 0.01, 3.0, mask),
-                          test_utils=basic + ("test_aot_dispatch_dynamic",))
+                          (x, y, None, 2, "none", 0.1, 0.01, 3.0, mask), test_utils=basic)
 
 
 def test_masks_reference_helper_broadcasts():
