@@ -59,6 +59,26 @@ def check_out(out, shape, dtype, name="out"):
         raise TypeError(f"{name}: dtype {dtype_name(out)} does not match the logits' dtype {dtype}")
 
 
+def check_class_mask(class_mask, shape, axis=-1):
+    """A ``(C,)`` or logits-shaped bool mask (True: the class takes part). Returns whether
+    it is per row (logits-shaped) or None without a mask."""
+    if class_mask is None:
+        return None
+    if not hasattr(class_mask, "shape") or not hasattr(class_mask, "dtype"):
+        raise TypeError(f"class_mask: expected a bool array, got {type(class_mask).__name__}")
+    if dtype_name(class_mask) != "bool":
+        raise TypeError(f"class_mask: dtype {dtype_name(class_mask)} is not bool (True marks "
+                        "the classes that take part)")
+    mshape = tuple(class_mask.shape)
+    n_cls = shape[axis]
+    if mshape == (n_cls,) and len(shape) != 1:
+        return False
+    if mshape == tuple(shape):
+        return len(shape) != 1  # a 1-d logits row: both forms are the same
+    raise ValueError(f"class_mask: expected shape ({n_cls},) (one per class) or the logits' "
+                     f"shape {tuple(shape)}, got {mshape}")
+
+
 @dataclass
 class CERequest:
     """A cross-entropy call after its arguments were checked."""
@@ -77,6 +97,8 @@ class CERequest:
     grad_output: Optional[Any] = None
     inplace: bool = False
     out: Optional[Any] = None
+    class_mask: Optional[Any] = None
+    mask_per_row: bool = False   # class_mask has the logits' shape (else (C,))
 
     @property
     def n_classes(self):
@@ -89,7 +111,7 @@ class CERequest:
 
 def check_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                         z_loss, softcap, validate, want_grad, grad_output=None, inplace=False,
-                        out=None):
+                        out=None, class_mask=None):
     dt = check_float_logits(logits)
     shape = tuple(logits.shape)
     if len(shape) == 0:
@@ -151,8 +173,10 @@ def check_cross_entropy(logits, target, weight, ignore_index, reduction, label_s
     if inplace and out is not None:
         raise ValueError("out: cannot be combined with inplace=True (the gradient goes into logits)")
     check_out(out, shape, dt)
+    per_row = check_class_mask(class_mask, shape)
     return CERequest(logits, target, dt, soft, weight, ignore_index, reduction, label_smoothing,
-                     z_loss, softcap, validate, want_grad, grad_output, inplace, out)
+                     z_loss, softcap, validate, want_grad, grad_output, inplace, out,
+                     class_mask, bool(per_row))
 
 
 def _real(name, value):

@@ -85,9 +85,10 @@ def _writable_rows(dest, axis):
     return None
 
 
-def _kernels(dt, softcap, target_dt=None, serial=False):
+def _kernels(dt, softcap, target_dt=None, serial=False, masked=False):
     return _cpu_kernels().make_kernels(dt, softcap is not None,
-                                       None if target_dt == dt else target_dt, not serial)
+                                       None if target_dt == dt else target_dt, not serial,
+                                       masked)
 
 
 _KERNELS_MODULE = []
@@ -110,10 +111,38 @@ def _run(rows, kernel_for, *args):
         return kernel_for(parallel)(*args, *_cpu_kernels().launch_shape(*rows.shape, n_threads))
 
 
-def _launch(rows, dt, softcap, target_dt, name, *args):
-    """Run the dtype's kernel ``name`` over ``rows``."""
-    return _run(rows, lambda parallel: _kernels(dt, softcap, target_dt, not parallel)[name],
-                *args)
+def _launch(rows, dt, softcap, target_dt, name, *args, mask=None):
+    """Run the dtype's kernel ``name`` over ``rows``; ``mask`` is (uint8 mask rows, step)
+    from _mask_rows, or None (the unmasked build, with a stand-in it never reads)."""
+    mask_rows, step = _NO_MASK if mask is None else mask
+    return _run(rows, lambda parallel: _kernels(dt, softcap, target_dt, not parallel,
+                                                mask is not None)[name],
+                *args, mask_rows, step)
+
+
+_NO_MASK = (np.ones((1, 1), dtype=np.uint8), 0)
+
+
+def _mask_rows(class_mask, per_row, axis, n_cls):
+    """(uint8 rows, step) of a checked class mask: step 0 for one (C,) row shared by every
+    logits row, 1 for a row per logits row (laid out like _rows of the logits)."""
+    m = to_numpy(class_mask).view(np.uint8)
+    rows = _rows(m, axis) if per_row else m.reshape(1, n_cls)
+    if not rows.flags.writeable:  # a read-only array would be another numba specialisation
+        rows = rows.copy()
+    return rows, int(per_row)
+
+
+def _check_live_rows(mask_rows, step, kept=None):
+    """ValueError for a (kept) row with every class masked."""
+    dead = ~mask_rows.any(axis=1)
+    if step and kept is not None:
+        dead &= kept
+    if dead.any():
+        row = int(np.argmax(dead))
+        where = f"row {row} has" if step else "it has"
+        raise ValueError(f"class_mask: {where} every class masked; at least one class of a "
+                         "row must take part")
 
 
 def add_into(total, part):
@@ -163,17 +192,21 @@ class CpuBackend:
 
     # ---- softmax family ------------------------------------------------------
 
-    def softmax(self, x, axis, dt, out, log):
+    def softmax(self, x, axis, dt, out, log, class_mask=None, per_row=False):
         xr = raw(to_numpy(x), dt)
         rows = _rows(xr, axis)
+        mask = None
+        if class_mask is not None:
+            mask = _mask_rows(class_mask, per_row, axis, rows.shape[1])
+            _check_live_rows(*mask)
         if out is None and axis == xr.ndim - 1:
             dest_np = np.empty(xr.shape, dtype=xr.dtype)
-            self._run_softmax(dt, rows, dest_np.reshape(rows.shape), log)
+            self._run_softmax(dt, rows, dest_np.reshape(rows.shape), log, mask)
             return wrap(x, dest_np, dt)
         if out is None:
             dest_np = np.empty(np.moveaxis(xr, axis, -1).shape, dtype=xr.dtype)
             result_rows = dest_np.reshape(rows.shape)
-            self._run_softmax(dt, rows, result_rows, log)
+            self._run_softmax(dt, rows, result_rows, log, mask)
             return wrap(x, np.moveaxis(dest_np, -1, axis), dt)
         dest = raw(to_numpy(out), dt)
         _check_writeable(dest, "out")
@@ -183,16 +216,16 @@ class CpuBackend:
             if not same:
                 direct = None  # partial overlap: go through a temporary
         target = direct if direct is not None else np.empty_like(rows)
-        self._run_softmax(dt, rows, target, log)
+        self._run_softmax(dt, rows, target, log, mask)
         if direct is None:
             np.copyto(np.moveaxis(dest, axis, -1), target.reshape(np.moveaxis(dest, axis, -1).shape))
         return out
 
     @staticmethod
-    def _run_softmax(dt, rows, dest_rows, log):
+    def _run_softmax(dt, rows, dest_rows, log, mask=None):
         if rows.size:
             _launch(rows, dt, None, None, "log_softmax" if log else "softmax", rows, dest_rows,
-                    0.0)
+                    0.0, mask=mask)
 
     def logsumexp(self, x, axis, dt):
         xr = raw(to_numpy(x), dt)
@@ -220,10 +253,14 @@ class CpuBackend:
                   else np.ascontiguousarray(_float_numpy(req.weight), dtype=acc))
         eps, zl = acc(req.label_smoothing), acc(req.z_loss)
 
+        mask = (None if req.class_mask is None
+                else _mask_rows(req.class_mask, req.mask_per_row, -1, n_cls))
         if req.soft:  # probabilities are read in their own dtype, never rounded
             q_dt = dtype_name(req.target)
             q_rows = _rows(raw(to_numpy(req.target), q_dt), -1)
             den_ce = den_z = float(n_rows)
+            if mask is not None:
+                _check_soft_mask(q_rows, *mask)
         else:
             tgt = np.ascontiguousarray(to_numpy(req.target), dtype=np.int64).reshape(-1)
             w_kept, kept, bad = cpu.hard_target_stats(tgt, weight, n_cls, req.ignore_index)
@@ -231,6 +268,8 @@ class CpuBackend:
                 raise ValueError(f"target: class index {int(tgt[bad])} (row {bad}) is outside "
                                  f"[0, {n_cls}) and is not ignore_index={req.ignore_index}")
             den_ce, den_z = w_kept, float(kept)
+            if mask is not None:
+                _check_hard_mask(tgt, req.ignore_index, *mask)
         if req.reduction != "mean":
             den_ce = den_z = 1.0
         inv_ce = acc(0.0 if den_ce == 0 else 1.0 / den_ce)  # all ignored: loss 0, grad 0
@@ -244,23 +283,24 @@ class CpuBackend:
             if req.soft:
                 if inplace:
                     _launch(rows, dt, req.softcap, q_dt, "ce_soft_inplace", rows, q_rows, weight,
-                            go, go_step, inv_ce, eps, zl, cap, loss_rows)
+                            go, go_step, inv_ce, eps, zl, cap, loss_rows, mask=mask)
                 else:
                     _launch(rows, dt, req.softcap, q_dt, "ce_soft", rows, grad_rows, q_rows,
-                            weight, go, go_step, inv_ce, eps, zl, cap, loss_rows, req.want_grad)
+                            weight, go, go_step, inv_ce, eps, zl, cap, loss_rows, req.want_grad,
+                            mask=mask)
             else:
                 w_sum = acc(n_cls) if req.weight is None else acc(weight.sum(dtype=np.float64))
-                if _small_ok(req, dt, n_cls, inplace, eps, zl):
+                if mask is None and _small_ok(req, dt, n_cls, inplace, eps, zl):
                     _launch_small(rows, dt, grad_rows, tgt, weight, go, go_step, inv_ce,
                                   req.ignore_index, loss_rows, req.want_grad)
                 elif inplace:
                     _launch(rows, dt, req.softcap, None, "ce_hard_inplace", rows, tgt, weight,
                             w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, req.ignore_index,
-                            loss_rows)
+                            loss_rows, mask=mask)
                 else:
                     _launch(rows, dt, req.softcap, None, "ce_hard", rows, grad_rows, tgt, weight,
                             w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, req.ignore_index,
-                            loss_rows, req.want_grad)
+                            loss_rows, req.want_grad, mask=mask)
         if req.reduction == "none":
             loss = loss_rows.reshape(req.row_shape)
             loss = wrap_loss(req.logits, loss) if _is_cpu_tensor(req.logits) else loss
@@ -328,6 +368,27 @@ def _parallel_for(rows):
         return
     with _threading.parallel_allowed() as parallel:
         yield parallel
+
+
+def _check_hard_mask(tgt, ignore_index, mask_rows, step):
+    """ValueError for a kept row whose target class is masked (every class masked included)."""
+    kept = np.flatnonzero(tgt != ignore_index)
+    dead = mask_rows[kept * step, tgt[kept]] == 0
+    if dead.any():
+        row = int(kept[np.argmax(dead)])
+        raise ValueError(f"class_mask: the target class {int(tgt[row])} of row {row} is masked; "
+                         "a row's target must take part (or be ignore_index)")
+
+
+def _check_soft_mask(q_rows, mask_rows, step):
+    """ValueError for a row with every class masked or probability on a masked class."""
+    _check_live_rows(mask_rows, step)
+    nonzero = (q_rows & 0x7FFF) != 0 if q_rows.dtype == np.uint16 else q_rows != 0
+    bad = (nonzero & (mask_rows == 0)).any(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"target: row {row} puts probability on a class that class_mask "
+                         "masks; masked classes must have probability 0")
 
 
 def _check_writeable(a, name):

@@ -16,6 +16,7 @@ Force a strategy (see gpuce/_cuda_plan.py) with the environment variable
 (warp, block_cached) raises ValueError.
 """
 import contextlib
+import dataclasses
 import math
 import os
 import threading
@@ -165,18 +166,27 @@ def _allow_smem(name, key, nbytes, dev):
     return _BIG_SMEM[ck]
 
 
-def _plan(family, n_rows, n_cls, dt, dev, key=None, aligned=False):
+def _plan(family, n_rows, n_cls, dt, dev, key=None, aligned=False, masked=False):
     """The launch plan (gpuce/_cuda_plan.py), with a forced strategy and the driver's
-    answer to block_cached's shared-memory opt-in."""
+    answer to block_cached's shared-memory opt-in; ``masked`` names the class-mask
+    variants of its kernels."""
     forced = _forced_strategy()
-    plan = plan_for(n_rows, n_cls, dt, dev, family, key, forced, aligned)
+    plan = _masked_plan(plan_for(n_rows, n_cls, dt, dev, family, key, forced, aligned), masked)
     if plan.strategy == "block_cached" and not _allow_smem(plan.kernel, plan.key,
                                                            plan.shared_bytes, dev):
         if forced:
             raise ValueError(f"strategy: block_cached cannot hold {n_cls} {dt} values per "
                              f"row in shared memory on this device")
-        plan = plan_for(n_rows, n_cls, dt, dev, family, key, "block", aligned)
+        plan = _masked_plan(plan_for(n_rows, n_cls, dt, dev, family, key, "block", aligned),
+                            masked)
     return plan
+
+
+def _masked_plan(plan, masked):
+    if not masked:
+        return plan
+    names = tuple(cuda_registry.masked_name(n) for n in plan.kernels)
+    return dataclasses.replace(plan, kernel=names[0], kernels=names)
 
 
 # ---- the backend ----------------------------------------------------------------------------
@@ -195,13 +205,14 @@ class CudaBackend:
 
     # ---- softmax family ----------------------------------------------------------------------
 
-    def softmax(self, x, axis, dt, out, log):
-        return self._softmax_entry(x, axis, dt, out, LOG_SOFTMAX if log else SOFTMAX)
+    def softmax(self, x, axis, dt, out, log, class_mask=None, per_row=False):
+        mask = None if class_mask is None else (class_mask, per_row)
+        return self._softmax_entry(x, axis, dt, out, LOG_SOFTMAX if log else SOFTMAX, mask)
 
     def logsumexp(self, x, axis, dt):
         return self._softmax_entry(x, axis, dt, None, LOGSUMEXP)
 
-    def _softmax_entry(self, x, axis, dt, out, mode):
+    def _softmax_entry(self, x, axis, dt, out, mode, mask=None):
         lib, xa = _lib_for(x)
         outa = None if out is None else _lib_for(out)[1]
         with _on_device(lib.device(xa)):
@@ -209,18 +220,20 @@ class CudaBackend:
                                   (outa is not None and not outa.is_c_contiguous())):
                 lib, xa = _relayout(xa)
                 outa = None if outa is None else _relayout(outa)[1]
-                res = self._softmax(lib, xa, axis, dt, outa, mode)
+                res = self._softmax(lib, xa, axis, dt, outa, mode, mask)
                 return out if out is not None else _to_numba(res)
-            res = self._softmax(lib, xa, axis, dt, outa, mode)
+            res = self._softmax(lib, xa, axis, dt, outa, mode, mask)
         return out if out is not None else res
 
-    def _softmax(self, lib, x, axis, dt, out, mode):
+    def _softmax(self, lib, x, axis, dt, out, mode, mask=None):
         T = traits(dt)
         n_cls = tuple(x.shape)[axis]
         rows = lib.rows(x, axis)
         moved = tuple(rows.shape)
         n_rows = math.prod(moved[:-1])
         stream = lib.stream(x)
+        if mask is not None:
+            mask = self._mask_view(*mask, axis, n_cls, stream)
         if mode == LOGSUMEXP:
             if n_cls == 0:
                 return lib.from_host(x, np.full(moved[:-1], -np.inf, dtype=T.acc_name))
@@ -237,19 +250,20 @@ class CudaBackend:
                 direct = out_rows  # written in place (x itself is fine: see the kernels)
         dest = direct if direct is not None else lib.empty(x, moved, dt)
         if n_rows and n_cls:
-            self._run_softmax(lib, rows, dest, None, n_rows, n_cls, dt, mode, stream)
+            self._run_softmax(lib, rows, dest, None, n_rows, n_cls, dt, mode, stream, mask)
         if out is None:
             return lib.moveaxis(dest, -1, axis)
         if direct is None:
             lib.copy_into(out, lib.moveaxis(dest, -1, axis))
         return out
 
-    def _run_softmax(self, lib, rows, dest, lse_v, n_rows, n_cls, dt, mode, stream):
+    def _run_softmax(self, lib, rows, dest, lse_v, n_rows, n_cls, dt, mode, stream, mask=None):
         T = traits(dt)
         aligned = row_aligned(n_cls, dt, lib.ptr(rows), *(() if dest is None
                                                           else (lib.ptr(dest),)))
         plan = _plan("softmax", n_rows, n_cls, dt, _device_limits(lib.device(rows)),
-                     aligned=aligned)
+                     aligned=aligned, masked=mask is not None)
+        mask_args = () if mask is None else mask  # (mask view, m_stride)
         view = _WORDS if plan.vectorized else T.raw
         x_v = lib.kview(rows, view)
         # stand-ins for the output this mode does not write
@@ -260,18 +274,25 @@ class CudaBackend:
             ws = lib.kview(lib.empty(rows, (2 * n_rows * plan.n_split,), T.acc_name),
                            np.dtype(T.acc_name))
             _launch(plan.kernels[0], dt, plan.grid, plan.block, stream, 0, x_v, ws,
-                    ints[0], ints[1], np.int64(plan.n_split))
+                    ints[0], ints[1], np.int64(plan.n_split), *mask_args)
             _launch(plan.kernels[1], dt, plan.grid, plan.block, stream, 0, x_v, out_v,
-                    lse_v, ws, *ints, np.int64(plan.n_split))
+                    lse_v, ws, *ints, np.int64(plan.n_split), *mask_args)
         else:
             _launch(plan.kernel, dt, plan.grid, plan.block, stream, plan.shared_bytes, x_v,
-                    out_v, lse_v, *ints, np.int64(0))
+                    out_v, lse_v, *ints, np.int64(0), *mask_args)
+
+    def _mask_view(self, class_mask, per_row, axis, n_cls, stream):
+        """(bool kernel view of a checked class mask laid out like the rows, its row stride:
+        C, or 0 for one (C,) row shared by every row)."""
+        lib, m = self._converted_array(class_mask, "bool", axis if per_row else None, stream)
+        return lib.kview(m, np.dtype(np.bool_)), np.int64(n_cls if per_row else 0)
 
     # ---- cross entropy -----------------------------------------------------------------------
 
     def cross_entropy(self, req):
         lib, x = _lib_for(req.logits)
-        arrays = [a for a in (req.logits, req.target, req.weight, req.grad_output, req.out)
+        arrays = [a for a in (req.logits, req.target, req.weight, req.grad_output, req.out,
+                              req.class_mask)
                   if a is not None and not isinstance(a, (int, float))]
         with _on_device(lib.device(x)):
             if lib is _NUMBA and not all(_lib_for(a)[1].is_c_contiguous() for a in arrays):
@@ -283,10 +304,9 @@ class CudaBackend:
             return self._cross_entropy(lib, req)
 
     def _relayout_request(self, req):
-        import dataclasses
         conv = {}
         lib = None
-        for field in ("logits", "target", "weight", "grad_output", "out"):
+        for field in ("logits", "target", "weight", "grad_output", "out", "class_mask"):
             v = getattr(req, field)
             if v is not None and not isinstance(v, (int, float)):
                 lib, conv[field] = _relayout(_lib_for(v)[1])
@@ -341,8 +361,21 @@ class CudaBackend:
         if req.want_grad:
             g_lib, g, finish = self._grad_buffer(lib, req, x, rows)
 
+        mask_args = ()  # the class-mask variant's (mask, m_stride, n_live)
+        if req.class_mask is not None:
+            mask_v, m_stride = self._mask_view(req.class_mask, req.mask_per_row, -1, n_cls,
+                                               stream)
+            n_live = loss_v  # a stand-in: read only with label smoothing
+            if req.label_smoothing > 0 and n_rows:
+                n_mrows = n_rows if req.mask_per_row else 1
+                n_live = lib.kview(lib.empty(x, (n_mrows,), acc_name), acc_dt)
+                _launch("ce_mask_live", acc_name, _grid_for(n_mrows * _SMALL_BLOCK),
+                        _SMALL_BLOCK, stream, 0, mask_v, n_live, np.int64(n_mrows),
+                        np.int64(n_cls))
+            mask_args = (mask_v, m_stride, n_live)
+
         if req.validate and not req.soft and n_rows:
-            self._validate(lib, x, t_v, n_rows, n_cls, req.ignore_index, stream)
+            self._validate(lib, x, t_v, n_rows, n_cls, req.ignore_index, stream, mask_args)
 
         # mean divisors: computed on the device for hard targets (no sync), known for soft
         use_st, st_v = 0, loss_v
@@ -363,7 +396,7 @@ class CudaBackend:
             ptrs = [lib.ptr(rows)] + [lb.ptr(a) for lb, a in ((g_lib, g), (q_lib, q))
                                       if a is not None]
             plan = _plan("ce", n_rows, n_cls, dt, _device_limits(lib.device(x)), key,
-                         row_aligned(n_cls, dt, *ptrs))
+                         row_aligned(n_cls, dt, *ptrs), masked=bool(mask_args))
             view = _WORDS if plan.vectorized else T.raw
             x_v = lib.kview(rows, view)
             g_v = x_v if g is None else g_lib.kview(g, view)
@@ -380,14 +413,14 @@ class CudaBackend:
                 ws = lib.kview(lib.empty(x, (n_rows * (4 * plan.n_split + 1),), acc_name),
                                acc_dt)
                 _launch(plan.kernels[0], key, plan.grid, plan.block, stream, 0, x_v, q_v,
-                        t_v, w_v, ws, *ints[:5], eps, cap, np.int64(plan.n_split))
+                        t_v, w_v, ws, *ints[:5], eps, cap, np.int64(plan.n_split), *mask_args)
                 _launch(plan.kernels[1], key, plan.grid, plan.block, stream, 0, x_v, g_v, q_v,
                         t_v, w_v, go_v, loss_v, st_v, part, ctr_v, ws, *ints, *floats,
-                        np.int64(plan.n_split))
+                        np.int64(plan.n_split), *mask_args)
             else:
                 _launch(plan.kernel, key, plan.grid, plan.block, stream, plan.shared_bytes,
                         x_v, g_v, q_v, t_v, w_v, go_v, loss_v, st_v, part, ctr_v, *ints,
-                        *floats, np.int64(0))
+                        *floats, np.int64(0), *mask_args)
         return loss, (finish() if finish is not None else None)
 
     def _grad_buffer(self, lib, req, x, rows):
@@ -445,7 +478,7 @@ class CudaBackend:
                     lib.kview(a, src_raw), lib.kview(dst, raw), np.int64(n))
         return lib, dst
 
-    def _validate(self, lib, x, t_v, n_rows, n_cls, ignore_index, stream):
+    def _validate(self, lib, x, t_v, n_rows, n_cls, ignore_index, stream, mask_args=()):
         bad = lib.kview(lib.from_host(x, np.array([n_rows], dtype=np.int64)), np.dtype(np.int64))
         _launch("check_targets", None, _grid_for(n_rows), _SMALL_BLOCK, stream, 0, t_v, bad,
                 np.int64(n_rows), np.int64(n_cls), np.int64(ignore_index))
@@ -454,6 +487,16 @@ class CudaBackend:
             value = int(_to_host(t_v[first:first + 1], stream)[0])
             raise ValueError(f"target: class index {value} (row {first}) is outside "
                              f"[0, {n_cls}) and is not ignore_index={ignore_index}")
+        if mask_args:
+            mask_v, m_stride, _ = mask_args
+            _launch("check_masked_targets", None, _grid_for(n_rows), _SMALL_BLOCK, stream, 0,
+                    t_v, mask_v, bad, np.int64(n_rows), np.int64(n_cls), np.int64(ignore_index),
+                    m_stride)
+            first = int(_to_host(bad, stream)[0])
+            if first < n_rows:
+                value = int(_to_host(t_v[first:first + 1], stream)[0])
+                raise ValueError(f"class_mask: the target class {value} of row {first} is "
+                                 "masked; a row's target must take part (or be ignore_index)")
 
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")

@@ -35,7 +35,7 @@ Differences from ``torch.nn.functional.cross_entropy``
   logits' dtype (except under autocast, where its cross entropy runs in fp32, as here).
   ``loss.to(logits.dtype)`` gives PyTorch's dtype. The gradient has the logits' dtype.
 - A mean over rows that are all ``ignore_index`` is 0.0 with a zero gradient (PyTorch: NaN).
-- ``z_loss`` and ``softcap`` are extra options (see ``gpuce.cross_entropy``).
+- ``z_loss``, ``softcap`` and ``class_mask`` are extra options (see ``gpuce.cross_entropy``).
 - Gradients flow to the logits only. A ``weight`` or probability ``target`` that requires
   grad is refused with a ValueError rather than silently getting no gradient.
 - It is differentiable once: differentiating the gradient again (double backward, e.g. a
@@ -80,13 +80,13 @@ def _fake_loss(logits, reduction):
 
 
 def _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, want_grad, inplace=False):
+                softcap, class_mask, want_grad, inplace=False):
     """The shape/dtype checks of the real call, for fake tensors (torch.compile tracing)."""
     from gpuce import _checks
     _checks.check_cross_entropy(logits, target, weight, ignore_index, reduction,
                                 label_smoothing, z_loss, softcap, None, want_grad,
-                                inplace=inplace)
-    for name, t in (("target", target), ("weight", weight)):
+                                inplace=inplace, class_mask=class_mask)
+    for name, t in (("target", target), ("weight", weight), ("class_mask", class_mask)):
         if t is not None and t.device != logits.device:
             raise TypeError(f"{name}: is on a different device than the logits "
                             f"({t.device} vs {logits.device})")
@@ -101,18 +101,19 @@ def _contiguous(t):
 @torch.library.custom_op("gpuce::cross_entropy_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
             reduction: str, label_smoothing: float, z_loss: float,
-            softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+            softcap: Optional[float],
+            class_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     loss, grad = gpuce.cross_entropy_with_grad(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, class_mask=class_mask)
     return loss, _contiguous(grad)
 
 
 @_ce_fwd.register_fake
 def _ce_fwd_fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                 softcap):
+                 softcap, class_mask=None):
     _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, True)
+                softcap, class_mask, True)
     return _fake_loss(logits, reduction), torch.empty_like(logits,
                                                            memory_format=torch.contiguous_format)
 
@@ -120,35 +121,37 @@ def _ce_fwd_fake(logits, target, weight, ignore_index, reduction, label_smoothin
 @torch.library.custom_op("gpuce::cross_entropy", mutates_args=())
 def _ce_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
              reduction: str, label_smoothing: float, z_loss: float,
-             softcap: Optional[float]) -> Tensor:
+             softcap: Optional[float], class_mask: Optional[Tensor] = None) -> Tensor:
     return gpuce.cross_entropy(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, class_mask=class_mask)
 
 
 @_ce_loss.register_fake
 def _ce_loss_fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                  softcap):
+                  softcap, class_mask=None):
     _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, False)
+                softcap, class_mask, False)
     return _fake_loss(logits, reduction)
 
 
 @torch.library.custom_op("gpuce::cross_entropy_fwd_", mutates_args=("logits",))
 def _ce_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-                    softcap: Optional[float]) -> Tensor:
+                    softcap: Optional[float],
+                    class_mask: Optional[Tensor] = None) -> Tensor:
     loss, _ = gpuce.cross_entropy_with_grad(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, inplace=True)
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, inplace=True,
+        class_mask=class_mask)
     return loss
 
 
 @_ce_fwd_inplace.register_fake
 def _ce_fwd_inplace_fake(logits, target, weight, ignore_index, reduction, label_smoothing,
-                         z_loss, softcap):
+                         z_loss, softcap, class_mask=None):
     _fake_check(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, True, inplace=True)
+                softcap, class_mask, True, inplace=True)
     return _fake_loss(logits, reduction)
 
 
@@ -198,9 +201,9 @@ def _fwd_backward(ctx, grad_loss, grad_grad):
         raise RuntimeError("gpuce::cross_entropy_fwd: its gradient output cannot be "
                            "differentiated. " + _DOUBLE_BACKWARD)
     if grad_loss is None:
-        return (None,) * 8
+        return (None,) * 9
     (grad,) = ctx.saved_tensors
-    return (_scale_grad(grad, grad_loss),) + (None,) * 7
+    return (_scale_grad(grad, grad_loss),) + (None,) * 8
 
 
 _ce_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -261,10 +264,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap):
+                softcap, class_mask):
         loss, grad = gpuce.cross_entropy_with_grad(
             logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            class_mask=class_mask)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
         ctx.set_materialize_grads(False)
@@ -273,9 +277,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if grad_loss is None:
-            return (None,) * 8
+            return (None,) * 9
         (grad,) = ctx.saved_tensors
-        return (_backward_scale(grad, grad_loss, ctx.reduction),) + (None,) * 7
+        return (_backward_scale(grad, grad_loss, ctx.reduction),) + (None,) * 8
 
 
 class _InplaceCrossEntropy(torch.autograd.Function):
@@ -283,10 +287,11 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap):
+                softcap, class_mask):
         loss, _ = gpuce.cross_entropy_with_grad(
             logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, inplace=True)
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, inplace=True,
+            class_mask=class_mask)
         ctx.mark_dirty(logits)
         ctx.save_for_backward(logits)
         ctx.reduction = reduction
@@ -301,9 +306,9 @@ class _InplaceCrossEntropy(torch.autograd.Function):
                 "gradient, so they cannot be used in later differentiable computation; "
                 "use inplace=False, or use the logits before calling it")
         if grad_loss is None:
-            return (None,) * 8
+            return (None,) * 9
         (grad,) = ctx.saved_tensors
-        return (_backward_scale(grad, grad_loss, ctx.reduction),) + (None,) * 7
+        return (_backward_scale(grad, grad_loss, ctx.reduction),) + (None,) * 8
 
 
 # ---- public API -----------------------------------------------------------------------
@@ -329,7 +334,8 @@ def _check_options(reduction, label_smoothing, z_loss, softcap, ignore_index):
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0,
-                  softcap: Optional[float] = None, inplace: bool = False) -> Tensor:
+                  softcap: Optional[float] = None, inplace: bool = False,
+                  class_mask: Optional[Tensor] = None) -> Tensor:
     """Cross-entropy loss of ``input`` (..., C) -- class axis last -- against ``target``.
 
     Arguments follow ``torch.nn.functional.cross_entropy`` (``weight``, ``ignore_index``,
@@ -339,6 +345,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     z_loss : float >= 0 -- adds ``z_loss * logsumexp(row)**2`` per kept row.
     softcap : float > 0 or None -- the logits become ``softcap * tanh(input / softcap)``.
     inplace : write the gradient into ``input``'s memory (see the module docstring).
+    class_mask : bool tensor of shape (C,) or ``input.shape``, or None -- True marks the
+        classes that take part; the others get probability and gradient exactly 0, and
+        label smoothing spreads over the live classes (see ``gpuce.cross_entropy``).
 
     Returns a 0-d tensor for 'mean'/'sum', a ``input.shape[:-1]`` tensor for 'none';
     float32 (float64 for float64 input). Works on CPU and CUDA tensors in float16, bfloat16,
@@ -355,14 +364,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                 raise ValueError(
                     f"{name}: requires grad, but gpuce.torch.cross_entropy differentiates "
                     f"only with respect to the input (logits); pass {name}.detach()")
-    args = (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    args = (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+            class_mask)
     compiling = torch.compiler.is_compiling()
     if not (grad_mode and input.requires_grad):
         if compiling:
             return _ce_loss(input, *args)
         return gpuce.cross_entropy(input, target, weight=weight, ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=label_smoothing,
-                                   z_loss=z_loss, softcap=softcap)
+                                   z_loss=z_loss, softcap=softcap, class_mask=class_mask)
     if compiling:  # the opaque custom ops; eagerly, plain autograd Functions cost less per call
         loss, _ = _ce_fwd(input, *args)
         return loss
@@ -380,26 +390,31 @@ class CrossEntropyLoss(nn.Module):
     """``torch.nn.CrossEntropyLoss`` on gpuce's fused kernel, class axis last.
 
     Arguments: ``weight``, ``ignore_index``, ``reduction``, ``label_smoothing`` as in
-    PyTorch, plus ``z_loss``, ``softcap`` and ``inplace`` (see :func:`cross_entropy`).
-    ``weight`` is registered as a buffer, so ``.to(device)`` moves it with the module.
+    PyTorch, plus ``z_loss``, ``softcap``, ``inplace`` and ``class_mask`` (see
+    :func:`cross_entropy`). ``weight`` and ``class_mask`` are registered as buffers, so
+    ``.to(device)`` moves them with the module; ``forward(input, target, class_mask=...)``
+    takes a mask for one call (a per-row mask, say), which replaces the module's.
     """
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
                  z_loss: float = 0.0, softcap: Optional[float] = None,
-                 inplace: bool = False):
+                 inplace: bool = False, class_mask: Optional[Tensor] = None):
         super().__init__()
         self.label_smoothing, self.z_loss, self.softcap = _check_options(
             reduction, label_smoothing, z_loss, softcap, ignore_index)
         self.register_buffer("weight", weight)
+        self.register_buffer("class_mask", class_mask)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.inplace = bool(inplace)
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor,
+                class_mask: Optional[Tensor] = None) -> Tensor:
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
                              self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                             inplace=self.inplace)
+                             inplace=self.inplace,
+                             class_mask=self.class_mask if class_mask is None else class_mask)
 
     def extra_repr(self):
         parts = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
@@ -411,6 +426,8 @@ class CrossEntropyLoss(nn.Module):
             parts.append(f"softcap={self.softcap}")
         if self.inplace:
             parts.append("inplace=True")
+        if self.class_mask is not None:
+            parts.append(f"class_mask=<{tuple(self.class_mask.shape)} bool>")
         return ", ".join(parts)
 
 # Scale (chunked linear + CE, vocab-parallel CE): separate modules, exposed here.

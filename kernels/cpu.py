@@ -11,6 +11,13 @@ to per-row remainders.
 
 ``make_kernels`` builds the set for one storage dtype from its load/store/exp/tanh
 functions, so every dtype runs the same source.
+
+Class masks (``masked=True``, a compile-time variant): every kernel takes ``mask`` (uint8
+rows, nonzero = the class takes part) and ``mask_step`` (0: one (C,) row for all, 1: a row
+per logits row); the unmasked build gets a stand-in it never reads. Masked classes are left
+out of the max and the sums by selects (their logits are never used, whatever they hold),
+get probability and gradient exactly 0 and log_softmax -inf, and label smoothing spreads
+over the row's live classes. The host has already refused masked targets.
 """
 import math
 from functools import lru_cache
@@ -44,24 +51,32 @@ def launch_shape(n_rows, n_cls, n_threads):
     return per_block, max(1, min(n_blocks, 4 * n_threads))
 
 
+def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True, masked=False):
+    """The kernel set of one variant (built once: see _make_kernels)."""
+    return _make_kernels(dtype_name, bool(softcapped), target_dtype_name, bool(parallel),
+                         bool(masked))
+
+
 @lru_cache(maxsize=None)
-def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
+def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
     """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
     ``parallel=False`` gives the same kernels compiled serially (prange runs as range).
 
     ``target_dtype_name`` is the storage dtype of soft targets (default: the logits'); they
     are read as given, never rounded to the logits' dtype. ``parallel=False`` builds the
     same source as plain loops, for small calls: no thread-pool launch per call.
+    ``masked`` builds the class-mask variant (see the module docstring).
     """
     load, store, exp, tanh, key, unkey, acc = _TRAITS[dtype_name]
     load_q = _TRAITS[target_dtype_name or dtype_name][0]
     fm = cm.FASTMATH
     inner = njit(inline="always", fastmath=fm)
     variant = (f"dtype={dtype_name} softcap={softcapped} target={target_dtype_name} "
-               f"parallel={parallel} fastmath={sorted(fm)}")
+               f"parallel={parallel} fastmath={sorted(fm)}" + (" masked" if masked else ""))
     outer = cached(njit(parallel=parallel, fastmath=fm), variant,
                    on_disk=not parallel or PARALLEL_ON_DISK)  # on disk, across processes
     NEG_INF = acc(-np.inf)
+    NEG_INF_RAW = _NEG_INF_RAW[dtype_name]  # -inf as stored: the masked classes' max key
     ZERO = acc(0.0)
     ONE = acc(1.0)
     # the output row can hold e only when it has the accumulation dtype and e is not
@@ -83,41 +98,64 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
         return ONE
 
     @inner
-    def row_max(x, cap):
-        """max z over the row (0 for an all -inf row); tanh is monotone, so max the raw words."""
-        k = key(x[0])
-        for c in range(1, x.shape[0]):
-            kc = key(x[c])
-            k = kc if kc > k else k
+    def is_live(mk, c):
+        """Class c takes part (always, without a mask)."""
+        return mk[c] != 0 if masked else True
+
+    @inner
+    def live_or_zero(v, mk, c):
+        return v if is_live(mk, c) else ZERO
+
+    @inner
+    def row_max(x, cap, mk):
+        """max z over the row's live classes (0 for an all -inf row); tanh is monotone, so max
+        the raw words."""
+        if masked:
+            k = key(NEG_INF_RAW)
+            for c in range(x.shape[0]):
+                kc = key(x[c]) if mk[c] != 0 else k
+                k = kc if kc > k else k
+        else:
+            k = key(x[0])
+            for c in range(1, x.shape[0]):
+                kc = key(x[c])
+                k = kc if kc > k else k
         m = logit(unkey(k), cap)
         return ZERO if m == NEG_INF else m
 
     @inner
-    def exp_row(x, e, m, cap):
+    def exp_row(x, e, m, cap, mk):
         """e = exp(z - m), returning its sum (rows of C >= SMALL_C)."""
         s = ZERO
         for c in range(x.shape[0]):
-            v = exp(logit(x[c], cap) - m)
+            v = live_or_zero(exp(logit(x[c], cap) - m), mk, c)
             e[c] = v
             s += v
         return s
 
     @inner
-    def block_stats(x, e, m, s, r0, r1, cap):
+    def mask_row(mask, mask_step, r):
+        return mask[r * mask_step]
+
+    @inner
+    def block_stats(x, e, m, s, r0, r1, cap, mask, mask_step):
         """m[r], s[r] for rows r0..r1 of x; e[r - r0] = exp(z - m)."""
         n_cls = x.shape[1]
         if n_cls >= SMALL_C:
             for r in range(r0, r1):
-                m[r - r0] = row_max(x[r], cap)
-                s[r - r0] = exp_row(x[r], e[r - r0], m[r - r0], cap)
+                mk = mask_row(mask, mask_step, r)
+                m[r - r0] = row_max(x[r], cap, mk)
+                s[r - r0] = exp_row(x[r], e[r - r0], m[r - r0], cap, mk)
         else:
             for r in range(r0, r1):
-                mr = row_max(x[r], cap)
+                mk = mask_row(mask, mask_step, r)
+                mr = row_max(x[r], cap, mk)
                 m[r - r0] = mr
                 xr = x[r]
                 er = e[r - r0]
                 for c in range(n_cls):
-                    er[c] = logit(xr[c], cap) - mr
+                    v = logit(xr[c], cap) - mr
+                    er[c] = v if is_live(mk, c) else NEG_INF  # exp gives exactly 0
             flat = e[: r1 - r0].reshape(-1)
             for k in range(flat.shape[0]):  # one long vector loop over the block
                 flat[k] = exp(flat[k])
@@ -163,14 +201,14 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     # ---- softmax / log_softmax / logsumexp -------------------------------------
 
     @outer
-    def softmax(x, out, cap, per_block, n_tasks):
+    def softmax(x, out, cap, mask, mask_step, per_block, n_tasks):
         n_rows, n_cls = x.shape
         for t in prange(n_tasks):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
                 e = e_buffer(out, scratch, r0, r1)
-                block_stats(x, e, m, s, r0, r1, cap)
+                block_stats(x, e, m, s, r0, r1, cap, mask, mask_step)
                 for r in range(r0, r1):
                     inv = ONE / s[r - r0] if s[r - r0] > ZERO else ZERO
                     er = e[r - r0]
@@ -179,30 +217,32 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
                         o[c] = store(er[c] * inv)
 
     @outer
-    def log_softmax(x, out, cap, per_block, n_tasks):
+    def log_softmax(x, out, cap, mask, mask_step, per_block, n_tasks):
         n_rows, n_cls = x.shape
         for t in prange(n_tasks):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
                 e = scratch_rows(scratch, r0, r1)
-                block_stats(x, e, m, s, r0, r1, cap)
+                block_stats(x, e, m, s, r0, r1, cap, mask, mask_step)
                 for r in range(r0, r1):
                     lse = m[r - r0] + log_of(s[r - r0])
                     xr = x[r]
                     o = out[r]
+                    mk = mask_row(mask, mask_step, r)
                     for c in range(n_cls):
-                        o[c] = store(logit(xr[c], cap) - lse)
+                        v = logit(xr[c], cap) - lse
+                        o[c] = store(v if is_live(mk, c) else NEG_INF)
 
     @outer
-    def logsumexp(x, out, cap, per_block, n_tasks):
+    def logsumexp(x, out, cap, mask, mask_step, per_block, n_tasks):
         n_rows, n_cls = x.shape
         for t in prange(n_tasks):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
                 e = scratch_rows(scratch, r0, r1)
-                block_stats(x, e, m, s, r0, r1, cap)
+                block_stats(x, e, m, s, r0, r1, cap, mask, mask_step)
                 for r in range(r0, r1):
                     out[r] = m[r - r0] + log_of(s[r - r0])
 
@@ -223,7 +263,20 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
             g[c] = store(ZERO)
 
     @inner
-    def ce_hard_row(x, e, g, m, s, y, w, w_sum, a_ce, a_z, eps, zl, cap, write_grad):
+    def live_stats(w, w_sum, mk, n_cls):
+        """(live classes, their weight sum): what label smoothing spreads over."""
+        if not masked:
+            return acc(n_cls), w_sum
+        n_live = ZERO
+        w_live = ZERO
+        for c in range(n_cls):
+            on = mk[c] != 0
+            n_live += ONE if on else ZERO
+            w_live += w[c] if on else ZERO
+        return n_live, w_live
+
+    @inner
+    def ce_hard_row(x, e, g, m, s, y, w, w_sum, a_ce, a_z, eps, zl, cap, write_grad, mk):
         """(CE part, lse) of one kept row; writes its gradient row from e."""
         n_cls = x.shape[0]
         if s == ZERO:  # every logit is -inf: the loss is +inf, nothing can move it
@@ -237,11 +290,13 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
         # (m - z) + log s, not lse - z: exact for large logits, and a sum of terms >= 0
         t_y = (ONE - eps) * w_y  # a zero weight (or eps = 1) times a -inf target logit is 0
         loss = ZERO if t_y == ZERO else t_y * cm.gap_plus(m, z_y, log_s)
-        smooth = eps / acc(n_cls)
+        smooth = ZERO
         if eps > ZERO:
+            n_live, w_sum = live_stats(w, w_sum, mk, n_cls)
+            smooth = eps / n_live
             gap = ZERO
             for c in range(n_cls):
-                wc = w[c]
+                wc = live_or_zero(w[c], mk, c)
                 gap += ZERO if wc == ZERO else wc * (m - logit(x[c], cap))  # 0 * inf is 0
             loss += smooth * (gap + w_sum * log_s)
         if write_grad:
@@ -250,13 +305,14 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
             e_y = e[y]
             if softcapped:
                 for c in range(n_cls):
-                    g[c] = store((k_p * e[c] - k_w * w[c]) * grad_factor(logit(x[c], cap), cap))
+                    v = (k_p * e[c] - k_w * w[c]) * grad_factor(logit(x[c], cap), cap)
+                    g[c] = store(live_or_zero(v, mk, c))
             elif eps > ZERO:
                 for c in range(n_cls):
-                    g[c] = store(k_p * e[c] - k_w * w[c])
+                    g[c] = store(live_or_zero(k_p * e[c] - k_w * w[c], mk, c))
             else:
                 for c in range(n_cls):
-                    g[c] = store(k_p * e[c])
+                    g[c] = store(k_p * e[c])  # (e is exactly 0 on masked classes)
             # target element from fp32 values, rounded once (p - 1 before bf16/fp16)
             g[y] = store((k_p * e_y - k_w * w_y - a_ce * (ONE - eps) * w_y) * grad_factor(z_y, cap))
         return loss, lse
@@ -265,8 +321,8 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
         # grad_in_e: the gradient rows are the e rows; passing one name keeps loops vectorised
         @inner
         def ce_hard_block(x, g, e, m, s, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
-                          cap, ignore_index, loss_out, write_grad):
-            block_stats(x, e, m, s, r0, r1, cap)
+                          cap, ignore_index, loss_out, write_grad, mask, mask_step):
+            block_stats(x, e, m, s, r0, r1, cap, mask, mask_step)
             for r in range(r0, r1):
                 gr = e[r - r0] if grad_in_e else g[r]
                 y = tgt[r]
@@ -277,7 +333,8 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
                     continue
                 scale = go[r * go_step]
                 ce, lse = ce_hard_row(x[r], e[r - r0], gr, m[r - r0], s[r - r0], y, w, w_sum,
-                                      scale * inv_ce, scale * inv_z, eps, zl, cap, write_grad)
+                                      scale * inv_ce, scale * inv_z, eps, zl, cap, write_grad,
+                                      mask_row(mask, mask_step, r))
                 loss_out[r] = ce * inv_ce + z_part(zl, lse) * inv_z
         return ce_hard_block
 
@@ -286,7 +343,7 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
 
     @outer
     def ce_hard(x, g, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, ignore_index,
-                loss_out, write_grad, per_block, n_tasks):
+                loss_out, write_grad, mask, mask_step, per_block, n_tasks):
         n_rows, n_cls = x.shape
         for t in prange(n_tasks):
             scratch, m, s = new_scratch(per_block, n_cls)
@@ -294,11 +351,11 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
                 r0, r1 = block_bounds(b, n_rows, per_block)
                 e = e_buffer(g, scratch, r0, r1) if write_grad else scratch_rows(scratch, r0, r1)
                 ce_hard_block(x, g, e, m, s, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
-                              cap, ignore_index, loss_out, write_grad)
+                              cap, ignore_index, loss_out, write_grad, mask, mask_step)
 
     @outer
     def ce_hard_inplace(x, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap,
-                        ignore_index, loss_out, per_block, n_tasks):
+                        ignore_index, loss_out, mask, mask_step, per_block, n_tasks):
         # x is read through the same name it is written through, so loops stay vectorised;
         # z_y and the smoothing sum are read before the row is overwritten.
         n_rows, n_cls = x.shape
@@ -308,20 +365,22 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
                 r0, r1 = block_bounds(b, n_rows, per_block)
                 e = scratch_rows(scratch, r0, r1)
                 ce_hard_block_inplace(x, x, e, m, s, r0, r1, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl,
-                              cap, ignore_index, loss_out, True)
+                              cap, ignore_index, loss_out, True, mask, mask_step)
 
     # Soft targets q (read in their own dtype), q' = (1-eps) q + eps/C:
     #   loss = sum_c w_c q'_c (lse - z_c), Q = sum_c w_c q'_c;  grad = Q p_c - w_c q'_c.
 
     @inner
-    def ce_soft_row(x, e, q, g, m, s, w, a, eps, zl, cap, write_grad):
+    def ce_soft_row(x, e, q, g, m, s, w, a, eps, zl, cap, write_grad, mk):
         n_cls = x.shape[0]
-        smooth = eps / acc(n_cls)
+        smooth = ZERO
+        if eps > ZERO:
+            smooth = eps / live_stats(w, ZERO, mk, n_cls)[0]
         keep = ONE - eps
         big_q = ZERO
         gap = ZERO  # sum_c w_c q'_c (m - z_c): terms >= 0, so the loss never goes below 0
         for c in range(n_cls):
-            wq = w[c] * (keep * load_q(q[c]) + smooth)
+            wq = live_or_zero(w[c] * (keep * load_q(q[c]) + smooth), mk, c)
             big_q += wq
             gap += ZERO if wq == ZERO else wq * (m - logit(x[c], cap))  # 0 * inf counts as 0
         if s == ZERO:
@@ -333,19 +392,20 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
             k_p = (a * big_q + a * acc(2.0) * zl * lse) / s
             for c in range(n_cls):
                 wq = w[c] * (keep * load_q(q[c]) + smooth)
-                g[c] = store((k_p * e[c] - a * wq) * grad_factor(logit(x[c], cap), cap))
+                v = (k_p * e[c] - a * wq) * grad_factor(logit(x[c], cap), cap)
+                g[c] = store(live_or_zero(v, mk, c))
         return gap + big_q * acc(math.log(s)), lse
 
     def make_ce_soft_block(grad_in_e):
         @inner
         def ce_soft_block(x, g, e, m, s, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
-                          write_grad):
-            block_stats(x, e, m, s, r0, r1, cap)
+                          write_grad, mask, mask_step):
+            block_stats(x, e, m, s, r0, r1, cap, mask, mask_step)
             for r in range(r0, r1):
                 gr = e[r - r0] if grad_in_e else g[r]
                 a = go[r * go_step] * inv_den
                 ce, lse = ce_soft_row(x[r], e[r - r0], q[r], gr, m[r - r0], s[r - r0], w, a,
-                                      eps, zl, cap, write_grad)
+                                      eps, zl, cap, write_grad, mask_row(mask, mask_step, r))
                 loss_out[r] = (ce + z_part(zl, lse)) * inv_den
         return ce_soft_block
 
@@ -353,8 +413,8 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     ce_soft_block_inplace = make_ce_soft_block(False)
 
     @outer
-    def ce_soft(x, g, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, write_grad, per_block,
-                n_tasks):
+    def ce_soft(x, g, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, write_grad, mask,
+                mask_step, per_block, n_tasks):
         n_rows, n_cls = x.shape
         for t in prange(n_tasks):
             scratch, m, s = new_scratch(per_block, n_cls)
@@ -362,11 +422,11 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
                 r0, r1 = block_bounds(b, n_rows, per_block)
                 e = e_buffer(g, scratch, r0, r1) if write_grad else scratch_rows(scratch, r0, r1)
                 ce_soft_block(x, g, e, m, s, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
-                              write_grad)
+                              write_grad, mask, mask_step)
 
     @outer
-    def ce_soft_inplace(x, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, per_block,
-                        n_tasks):
+    def ce_soft_inplace(x, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, mask, mask_step,
+                        per_block, n_tasks):
         n_rows, n_cls = x.shape
         for t in prange(n_tasks):
             scratch, m, s = new_scratch(per_block, n_cls)
@@ -374,7 +434,7 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
                 r0, r1 = block_bounds(b, n_rows, per_block)
                 e = scratch_rows(scratch, r0, r1)
                 ce_soft_block_inplace(x, x, e, m, s, q, r0, r1, w, go, go_step, inv_den, eps, zl, cap, loss_out,
-                              True)
+                              True, mask, mask_step)
 
     # ---- accumulation (chunked linear CE: a half-precision partial into an fp32 sum) ----
 
@@ -396,6 +456,11 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
         "ce_hard": ce_hard, "ce_hard_inplace": ce_hard_inplace,
         "ce_soft": ce_soft, "ce_soft_inplace": ce_soft_inplace, "add_into": add_into,
     }
+
+
+# -inf as each dtype's storage word (the row max's starting key in the masked variant)
+_NEG_INF_RAW = {"float16": np.uint16(0xFC00), "bfloat16": np.uint16(0xFF80),
+                "float32": np.float32(-np.inf), "float64": np.float64(-np.inf)}
 
 
 @njit(cache=True)

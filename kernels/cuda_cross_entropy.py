@@ -26,6 +26,15 @@ Kernel arguments (the same order everywhere; unused arrays get a harmless stand-
     strategy's own integer (n_split, or an unused 0). The split kernels also take ``ws``, the
     per-chunk partials (and each row's target logit, saved before any in-place write).
 
+Class masks: the ``masked`` variant of each kernel takes three more arguments, ``mask``
+(bool, one row per logits row or one (C,) row), ``m_stride`` (C, or 0 for the shared row)
+and ``n_live`` (each mask row's live-class count, read only with label smoothing). Masked
+classes enter the max and the sums as -inf (nothing is read into them), their gradient is
+written as exactly 0, a masked target is a bad target (NaN loss, zero gradient), and so is
+probability on a masked class. The unmasked kernels are the same bodies inlined with
+stand-ins (``_unmasked_*``): their signature, and with MASKED a compile-time False, their
+code, are those of the kernels without masks.
+
 With ``total`` set (reduction mean or sum) the kernel writes no per-row losses: it sums them
 into ``loss[0]`` itself (cuda_reduce.grid_sums: ``part`` holds one float64 per block, ``ctr``
 the last-block ticket), deterministically, so a mean/sum call is at most 3 launches.
@@ -41,33 +50,37 @@ from numba import cuda, types
 
 from .cuda_dtypes import DTYPES, array, traits
 from .cuda_reduce import grid_sums, reductions
-from .cuda_rowmath import ACTIVE, IDLE, rowmath
+from .cuda_rowmath import ACTIVE, BAD, IDLE, rowmath
 from .cuda_vec import access, step_elems
 from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
 
 U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
 
 
-def ce_signature(dt, kind, qdt=None, vec=False):
+def ce_signature(dt, kind, qdt=None, vec=False, masked=False):
     T = traits(dt)
     st, acc = array(T.storage), array(T.acc)
     qt = array(traits(qdt or dt).storage)
     if vec:  # the 128-bit variant reads and writes rows through int32 views
         st = qt = array(types.int32)
     i64, a = types.int64, T.acc
+    tail = (array(types.boolean), i64, acc) if masked else ()  # mask, m_stride, n_live
     if kind == "split_partial":
-        return types.void(st, qt, array(i64), acc, acc, i64, i64, i64, i64, i64, a, a, i64)
+        return types.void(st, qt, array(i64), acc, acc, i64, i64, i64, i64, i64, a, a, i64,
+                          *tail)
     head = (st, st, qt, array(i64), acc, acc, acc, acc, array(types.float64), array(types.int32))
     if kind == "split_finish":
         head = head + (acc,)
-    return types.void(*head, *(i64,) * 9, *(a,) * 6, i64)
+    return types.void(*head, *(i64,) * 9, *(a,) * 6, i64, *tail)
 
 
 @lru_cache(maxsize=None)
-def ce_kernel(strategy, dt, qdt=None, vec=False):
+def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
     """The Python function of one strategy's kernel for logits stored as ``dt`` (and soft
     targets as ``qdt``: float32 probabilities with half logits are used as given). ``vec``:
-    the 128-bit variant (x, g, q are int32 views; every row start 16-byte aligned)."""
+    the 128-bit variant (x, g, q are int32 views; every row start 16-byte aligned).
+    ``masked``: the class-mask variant (see the module docstring)."""
+    MASKED = masked
     R = rowmath(dt, qdt)
     RD = reductions(R.T.acc_np)
     GS = grid_sums()
@@ -86,7 +99,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
 
         def ce_warp(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
                     soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
-                    inv_ce, inv_z, unused):
+                    inv_ce, inv_z, unused, mask, m_stride, n_live):
             vals = cuda.local.array(VPT, acc)
             sv = cuda.local.array(K, acc)
             qv = cuda.local.array(K, acc)
@@ -106,10 +119,14 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                 row = first + (tid >> LOG2)
                 live = row < n_rows
                 rs = row * n_steps  # the row's first step
+                mo = row * m_stride  # the row's first mask element
                 if soft:
                     state, y = (ACTIVE if live else IDLE), i64(-1)
                 else:
                     state, y = R.hard_target(tgt, row, live, n_cls, ignore_index)
+                if MASKED:
+                    state, y = R.masked_target(state, y, mask, mo)
+                    smooth = R.live_smooth(eps, n_live, min(row, n_rows - 1), m_stride)
                 m = NEG_INF
                 z_y = ZERO
                 for j in range(SPL):
@@ -118,6 +135,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                         AX.load(x, rs + s, sv)
                         for k in range(K):
                             sv[k] = R.capped(sv[k], cap)
+                        if MASKED:  # left out like the padding
+                            R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                     else:  # padding: -inf, which adds nothing
                         for k in range(K):
                             sv[k] = NEG_INF
@@ -146,6 +165,9 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                         if on:
                             wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted,
                                              keep, smooth)
+                            if MASKED:
+                                wq = R.drop(wq, qv[k] if soft else ZERO,
+                                            mask[U(mo + s * K + k)])
                             big_q += wq
                             qz += R.dist_term(wq, z, m)
                         vals[j * K + k] = e
@@ -153,6 +175,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                 if dist:
                     big_q = RD.warp_sum(big_q, TPR)
                     qz = RD.warp_sum(qz, TPR)
+                    if MASKED and big_q != big_q and state == ACTIVE:
+                        state = BAD  # probability on a masked class
                 t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
                                           go_scalar, row)
                 lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, inv_ce,
@@ -182,13 +206,15 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                                                          weighted, keep, smooth)
                                     sv[k] = R.grad_value(vals[j * K + k], k_p,
                                                          R.coef_of(c, y, k_q, k_y, dist, wq), gf)
+                                if MASKED:
+                                    R.mask_out(sv, mask, mo + s * K, K, ZERO)
                             else:
                                 for k in range(K):
                                     sv[k] = ZERO
                             AX.store(g, rs + s, sv)
             if total:
                 GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
-        return ce_warp
+        return ce_warp if MASKED else _unmasked_main(ce_warp)
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
@@ -200,7 +226,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
 
         def ce_block(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
                      soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
-                     inv_ce, inv_z, unused):
+                     inv_ce, inv_z, unused, mask, m_stride, n_live):
             cache = cuda.shared.array(0, acc)  # the row's values when cached (not RAWC)
             cache_r = cuda.shared.array(0, RAW)  # the row as stored (RAWC)
             buf_m = cuda.shared.array(32, acc)
@@ -220,10 +246,14 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
             n_steps = n_cls // K
             for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
                 rs = row * n_steps
+                mo = row * m_stride
                 if soft:
                     state, y = ACTIVE, i64(-1)
                 else:
                     state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
+                if MASKED:
+                    state, y = R.masked_target(state, y, mask, mo)
+                    smooth = R.live_smooth(eps, n_live, row, m_stride)
                 z_y = ZERO
                 if state == ACTIVE and not soft:
                     # before the barriers that precede any write
@@ -243,6 +273,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                             AX.load(x, rs + s, sv)
                         for k in range(K):
                             z = R.capped(sv[k], cap)
+                            if MASKED:
+                                z = R.keep_live(z, mask, mo + s * K + k, NEG_INF)
                             if not RAWC:
                                 cache[U(s * K + k)] = z
                             if z > m:
@@ -259,6 +291,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                             c = s * K + k
                             if RAWC:
                                 z = R.capped(sv[k], cap)
+                                if MASKED:
+                                    z = R.keep_live(z, mask, mo + c, NEG_INF)
                             else:
                                 z = cache[U(c)]
                             e = math.exp(z - m)
@@ -268,6 +302,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                             if dist:
                                 wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted, keep,
                                                  smooth)
+                                if MASKED:
+                                    wq = R.drop(wq, qv[k] if soft else ZERO, mask[U(mo + c)])
                                 big_q += wq
                                 qz += R.dist_term(wq, z, m)
                     se = RD.block_sum(se, buf_s)
@@ -278,10 +314,15 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                             AQ.load(q, rs + s, qv)
                         for k in range(K):
                             z = R.capped(sv[k], cap)
+                            if MASKED:
+                                z = R.keep_live(z, mask, mo + s * K + k, NEG_INF)
                             m_new, se = R.online(m, se, z)
                             if dist:
                                 wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k,
                                                  weighted, keep, smooth)
+                                if MASKED:
+                                    wq = R.drop(wq, qv[k] if soft else ZERO,
+                                                mask[U(mo + s * K + k)])
                                 qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
                                 big_q += wq
                             m = m_new
@@ -291,6 +332,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                 if dist:
                     big_q = RD.block_sum(big_q, buf_m)
                     qz = RD.block_sum(qz, buf_s)
+                    if MASKED and big_q != big_q and state == ACTIVE:
+                        state = BAD  # probability on a masked class
                 t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
                                           go_scalar, row)
                 lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, inv_ce,
@@ -335,17 +378,19 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                                                      keep, smooth)
                                 sv[k] = R.grad_value(e, k_p, R.coef_of(c, y, k_q, k_y, dist, wq),
                                                      gf)
+                            if MASKED:
+                                R.mask_out(sv, mask, mo + s * K, K, ZERO)
                         else:
                             for k in range(K):
                                 sv[k] = ZERO
                         AX.store(g, rs + s, sv)
             if total:
                 GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
-        return ce_block
+        return ce_block if MASKED else _unmasked_main(ce_block)
 
     if strategy == "split_partial":
         def ce_split_partial(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps,
-                             cap, n_split):
+                             cap, n_split, mask, m_stride, n_live):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
             sv = cuda.local.array(K, acc)
@@ -363,6 +408,9 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                 lo = (b - row * n_split) * length
                 hi = min(n_steps, lo + length)
                 rs = row * n_steps
+                mo = row * m_stride
+                if MASKED:
+                    smooth = R.live_smooth(eps, n_live, row, m_stride)
                 m = NEG_INF
                 se = ZERO
                 big_q = ZERO
@@ -373,10 +421,14 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                         AQ.load(q, rs + s, qv)
                     for k in range(K):
                         z = R.capped(sv[k], cap)
+                        if MASKED:
+                            z = R.keep_live(z, mask, mo + s * K + k, NEG_INF)
                         m_new, se = R.online(m, se, z)
                         if dist:
                             wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted,
                                              keep, smooth)
+                            if MASKED:
+                                wq = R.drop(wq, qv[k] if soft else ZERO, mask[U(mo + s * K + k)])
                             qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
                             big_q += wq
                         m = m_new
@@ -396,12 +448,12 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                         if state == ACTIVE and lo * K <= y and y < hi * K:
                             # saved here: in place, the finishing kernel overwrites x[y]
                             ws[U(zy_base + row)] = R.capped(AX.elem(x, row * n_cls + y), cap)
-        return ce_split_partial
+        return ce_split_partial if MASKED else _unmasked_partial(ce_split_partial)
 
     if strategy == "split_finish":
         def ce_split_finish(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls,
                             ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps,
-                            zl, cap, go_scalar, inv_ce, inv_z, n_split):
+                            zl, cap, go_scalar, inv_ce, inv_z, n_split, mask, m_stride, n_live):
             buf_t = cuda.shared.array(32, f64)
             flag = cuda.shared.array(1, types.int32)
             sv = cuda.local.array(K, acc)
@@ -436,10 +488,16 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                     m = m_new
                 m = R.finite_max(m)
                 rs = row * n_steps
+                mo = row * m_stride
                 if soft:
                     state, y = ACTIVE, i64(-1)
                 else:
                     state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
+                if MASKED:
+                    state, y = R.masked_target(state, y, mask, mo)
+                    smooth = R.live_smooth(eps, n_live, row, m_stride)
+                    if big_q != big_q and state == ACTIVE:
+                        state = BAD  # probability on a masked class
                 z_y = ZERO
                 if state == ACTIVE and not soft:
                     z_y = ws[U(zy_base + row)]
@@ -469,15 +527,55 @@ def ce_kernel(strategy, dt, qdt=None, vec=False):
                                 sv[k] = R.grad_value(math.exp(z - m), k_p,
                                                      R.coef_of(c, y, k_q, k_y, dist, wq),
                                                      R.grad_factor(z, cap))
+                            if MASKED:
+                                R.mask_out(sv, mask, mo + s * K, K, ZERO)
                         else:
                             for k in range(K):
                                 sv[k] = ZERO
                         AX.store(g, rs + s, sv)
             if total:
                 GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
-        return ce_split_finish
+        return ce_split_finish if MASKED else _unmasked_finish(ce_split_finish)
 
     raise KeyError(strategy)
+
+
+# ---- the unmasked kernels: a masked body inlined with stand-ins it never reads ---------------
+# (MASKED is False in those bodies, so the stand-ins -- tgt as the mask, loss as n_live --
+# only give the unused parameters a type.)
+
+def _unmasked_main(body):
+    run = cuda.jit(device=True, inline="always")(body)
+
+    def ce_main(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index, soft,
+                weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar, inv_ce,
+                inv_z, unused):
+        run(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index, soft,
+            weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar, inv_ce,
+            inv_z, unused, tgt, types.int64(0), loss)
+    return ce_main
+
+
+def _unmasked_partial(body):
+    run = cuda.jit(device=True, inline="always")(body)
+
+    def ce_partial(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps, cap,
+                   n_split):
+        run(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps, cap, n_split,
+            tgt, types.int64(0), ws)
+    return ce_partial
+
+
+def _unmasked_finish(body):
+    run = cuda.jit(device=True, inline="always")(body)
+
+    def ce_finish(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls, ignore_index,
+                  soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
+                  inv_ce, inv_z, n_split):
+        run(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls, ignore_index, soft,
+            weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar, inv_ce,
+            inv_z, n_split, tgt, types.int64(0), loss)
+    return ce_finish
 
 
 # ---- helpers around the main kernels ------------------------------------------------------
@@ -530,6 +628,54 @@ def target_stats_kernel(acc_name):
                 st[0] = A(0.0) if sw == ZERO64 else A(ONE64 / sw)
                 st[1] = A(0.0) if kept == ZERO64 else A(ONE64 / kept)
     return ce_target_stats
+
+
+def mask_live_signature(acc_name):
+    i64 = types.int64
+    return types.void(array(types.boolean), array(getattr(types, acc_name)), i64, i64)
+
+
+@lru_cache(maxsize=None)
+def mask_live_kernel(acc_name):
+    """n_live[r] = the classes mask row r lets take part (a block per row): label smoothing
+    spreads over them."""
+    A = np.dtype(acc_name).type
+    RD = reductions(A)
+    acc = getattr(types, acc_name)
+    i64 = types.int64
+    ZERO, ONE = A(0.0), A(1.0)
+
+    def ce_mask_live(mask, n_live, n_mrows, n_cls):
+        buf = cuda.shared.array(32, acc)
+        tid = i64(cuda.threadIdx.x)
+        bd = i64(cuda.blockDim.x)
+        for row in range(i64(cuda.blockIdx.x), n_mrows, i64(cuda.gridDim.x)):
+            count = ZERO
+            for c in range(tid, n_cls, bd):
+                if mask[U(row * n_cls + c)]:
+                    count += ONE
+            count = RD.block_sum(count, buf)
+            if tid == 0:
+                n_live[U(row)] = count
+    return ce_mask_live
+
+
+def check_masked_targets_signature():
+    i64 = types.int64
+    return types.void(array(i64), array(types.boolean), array(i64), i64, i64, i64, i64)
+
+
+@lru_cache(maxsize=None)
+def check_masked_targets_kernel():
+    """bad[0] = min(bad[0], first kept row whose (valid) target class is masked)."""
+    i64 = types.int64
+
+    def check_masked_targets(tgt, mask, bad, n_rows, n_cls, ignore_index, m_stride):
+        for i in range(i64(cuda.grid(1)), n_rows, i64(cuda.gridsize(1))):
+            y = tgt[U(i)]
+            if y != ignore_index and y >= 0 and y < n_cls and not mask[U(i * m_stride + y)]:
+                cuda.atomic.min(bad, 0, i)
+    return check_masked_targets
 
 
 def check_targets_signature():

@@ -8,14 +8,17 @@ launch, for the PTX compile test and benchmarks/ptx_report.py. A main kernel's n
 ``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned).
 """
 from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, _INT_TYPES, ce_kernel, ce_signature,
+                                 check_masked_targets_kernel, check_masked_targets_signature,
                                  check_targets_kernel, check_targets_signature, convert_kernel,
-                                 convert_signature, stats_signature, target_stats_kernel)
+                                 convert_signature, mask_live_kernel, mask_live_signature,
+                                 stats_signature, target_stats_kernel)
 from .cuda_dtypes import DTYPES
 from .cuda_softmax import softmax_kernel, softmax_signature
 
 STRATEGIES = ("warp", "block_cached", "block", "split")
 HALF_SOFT = ("float16", "bfloat16")  # half logits also run with float32 soft targets
 VEC = "_vec"  # name suffix of the 128-bit variant (rows 16-byte aligned; see cuda_vec)
+MASKED = "_masked"  # name part of the class-mask variant: <family>_<part>_masked[_vec]
 _PARTS = ("warp", "warp_narrow", "block_cached", "block", "split_partial", "split_finish")
 
 
@@ -29,29 +32,45 @@ def _bound(part, family="ce", dt=None):
     return (MAX_BLOCK, 2) if family == "softmax" and dt != "float64" else MAX_BLOCK
 
 
+def masked_name(name):
+    """The class-mask variant's name of kernel ``name`` (``ce_block_vec`` -> ``ce_block_masked_vec``)."""
+    if name.endswith(VEC):
+        return name[:-len(VEC)] + MASKED + VEC
+    return name + MASKED
+
+
 def spec(name, key):
     vec = name.endswith(VEC)
     if vec:
         name = name[:-len(VEC)]
+    masked = name.endswith(MASKED)
+    if masked:
+        name = name[:-len(MASKED)]
     if name.startswith("softmax_"):
         part = name[len("softmax_"):]
-        return (softmax_kernel(part, key, vec), softmax_signature(key, part, vec),
+        return (softmax_kernel(part, key, vec, masked), softmax_signature(key, part, vec, masked),
                 _bound(part, "softmax", key))
     if name == "ce_target_stats":
         return target_stats_kernel(key), stats_signature(key), MAX_BLOCK
+    if name == "ce_mask_live":
+        return mask_live_kernel(key), mask_live_signature(key), MAX_BLOCK
     if name.startswith("ce_"):
         part = name[len("ce_"):]
         dt, qdt = key if isinstance(key, tuple) else (key, None)
-        return ce_kernel(part, dt, qdt, vec), ce_signature(dt, part, qdt, vec), _bound(part)
+        return (ce_kernel(part, dt, qdt, vec, masked), ce_signature(dt, part, qdt, vec, masked),
+                _bound(part))
     if name == "check_targets":
         return check_targets_kernel(), check_targets_signature(), MAX_BLOCK
+    if name == "check_masked_targets":
+        return check_masked_targets_kernel(), check_masked_targets_signature(), MAX_BLOCK
     if name == "convert":
         return convert_kernel(*key), convert_signature(*key), MAX_BLOCK
     raise KeyError(name)
 
 
 def all_specs(main_only=False):
-    """[(name, key)] for every kernel gpuce can launch."""
+    """[(name, key)] for every kernel gpuce can launch, but the class-mask variants of the
+    main kernels (masked_specs)."""
     out = [(f"{fam}_{part}{v}", dt) for fam in ("softmax", "ce") for part in _PARTS
            for dt in DTYPES for v in ("", VEC)]
     out += [(f"ce_{part}{v}", (dt, "float32")) for part in _PARTS for dt in HALF_SOFT
@@ -59,7 +78,16 @@ def all_specs(main_only=False):
     if main_only:
         return out
     out += [("ce_target_stats", acc) for acc in ("float32", "float64")]
+    out += [("ce_mask_live", acc) for acc in ("float32", "float64")]
     out.append(("check_targets", None))
+    out.append(("check_masked_targets", None))
     out += [("convert", (a, b)) for a in DTYPES for b in DTYPES if a != b]
     out += [("convert", (i, "int64")) for i in _INT_TYPES if i != "int64"]
     return out
+
+
+def masked_specs(dtypes=DTYPES):
+    """[(name, key)] of the class-mask variants of the main kernels for ``dtypes`` (all of
+    them can be launched; all_specs leaves them out, as they double its count)."""
+    return [(masked_name(n), k) for n, k in all_specs(main_only=True)
+            if (k[0] if isinstance(k, tuple) else k) in dtypes]

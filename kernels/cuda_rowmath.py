@@ -186,7 +186,47 @@ def rowmath(dt, qdt=None):
             wq = class_weight(q, w, off, c, soft, weighted, keep, smooth)
         return coef_of(c, y, k_q, k_y, dist, wq)
 
-    return namespace(T=T, capped=capped, weight_of=weight_of, grad_value=grad_value,
+    # ---- class masks (the masked kernel variants; mask[i] False: class left out) ----
+
+    @device
+    def keep_live(v, mask, i, fill):
+        """v when mask element i is set, else ``fill`` (-inf before the sums: exp gives 0
+        and the max ignores it; 0 or -inf for the outputs)."""
+        return v if mask[U(i)] else fill
+
+    @device
+    def mask_out(vals, mask, first, n, fill):
+        """keep_live over the n values of one step, mask elements first..first+n-1."""
+        for k in range(n):
+            if not mask[U(first + k)]:
+                vals[k] = fill
+
+    @device
+    def masked_target(state, y, mask, mo):
+        """A kept row whose target class is masked is a bad target: NaN loss, zero grad."""
+        if state == ACTIVE and y >= 0 and not mask[U(mo + y)]:  # (soft targets: y = -1)
+            return BAD, y
+        return state, y
+
+    @device
+    def live_smooth(eps, n_live, row, m_stride):
+        """eps spread over the row's live classes (n_live: their counts, one per mask row)."""
+        if eps > ZERO:
+            n = n_live[U(row if m_stride != 0 else 0)]
+            if n > ZERO:  # (a row with every class masked has nothing to smooth over)
+                return eps / n
+        return ZERO
+
+    @device
+    def drop(wq, qc, on):
+        """A class's wq when the mask may leave it out: 0, or NaN when a soft target puts
+        probability on it (the row then counts as a bad target)."""
+        if on:
+            return wq
+        return NAN if qc != ZERO else ZERO
+
+    return namespace(T=T, capped=capped, keep_live=keep_live, mask_out=mask_out,
+                     masked_target=masked_target, live_smooth=live_smooth, drop=drop, weight_of=weight_of, grad_value=grad_value,
                      coef_of=coef_of, logit=logit, grad_factor=grad_factor, online=online,
                            dist_term=dist_term, rebase=rebase, finite_max=finite_max, class_weight=class_weight,
                            hard_target=hard_target, grad_scale=grad_scale, row_weights=row_weights,

@@ -5,6 +5,11 @@ write ``out`` in the storage dtype), 2 logsumexp (writes ``lse`` in the accumula
 An all -inf row has softmax 0 and logsumexp -inf (log_softmax is then -inf - -inf = NaN,
 as in the CPU kernels and the reference). log_softmax is (z - max) - log s, exact for large
 logits.
+
+Class masks: the ``masked`` variant of each kernel takes ``mask`` (bool) and ``m_stride`` (C,
+or 0 for one (C,) row) last. Masked classes enter the max and the sum as -inf and are written
+as 0 (softmax) or -inf (log_softmax), an all-masked row included; the unmasked kernels are
+the same bodies inlined with stand-ins (as in cuda_cross_entropy).
 """
 import math
 from functools import lru_cache
@@ -20,21 +25,23 @@ from .cuda_vec import access, step_elems
 SOFTMAX, LOG_SOFTMAX, LOGSUMEXP = 0, 1, 2
 
 
-def softmax_signature(dt, kind, vec=False):
+def softmax_signature(dt, kind, vec=False, masked=False):
     T = traits(dt)
     st, acc = array(T.storage), array(T.acc)
     if vec:  # the 128-bit variant reads and writes rows through int32 views
         st = array(types.int32)
     i64 = types.int64
+    tail = (array(types.boolean), i64) if masked else ()  # mask, m_stride
     if kind == "split_partial":
-        return types.void(st, acc, i64, i64, i64)
+        return types.void(st, acc, i64, i64, i64, *tail)
     if kind == "split_finish":
-        return types.void(st, st, acc, acc, i64, i64, i64, i64)
-    return types.void(st, st, acc, i64, i64, i64, i64)
+        return types.void(st, st, acc, acc, i64, i64, i64, i64, *tail)
+    return types.void(st, st, acc, i64, i64, i64, i64, *tail)
 
 
 @lru_cache(maxsize=None)
-def softmax_kernel(strategy, dt, vec=False):
+def softmax_kernel(strategy, dt, vec=False, masked=False):
+    MASKED = masked
     R = rowmath(dt)
     RD = reductions(R.T.acc_np)
     acc = R.T.acc
@@ -57,12 +64,17 @@ def softmax_kernel(strategy, dt, vec=False):
             return z_or_e * inv if is_e else math.exp(z_or_e - m) * inv
         return (z_or_e - m) - log_s
 
+    @cuda.jit(device=True, inline="always")
+    def masked_value(mode):
+        """What a masked class gets: probability 0, log-probability -inf."""
+        return ZERO if mode == SOFTMAX else NEG_INF
+
     if strategy in WARP_SHAPES:
         TPR, VPT = warp_shape(strategy, dt)
         LOG2 = TPR.bit_length() - 1
         SPL = VPT // K
 
-        def softmax_warp(x, out, lse, n_rows, n_cls, mode, unused):
+        def softmax_warp(x, out, lse, n_rows, n_cls, mode, unused, mask, m_stride):
             vals = cuda.local.array(VPT, acc)
             sv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
@@ -74,11 +86,14 @@ def softmax_kernel(strategy, dt, vec=False):
                 row = first + (tid >> LOG2)
                 live = row < n_rows
                 rs = row * n_steps
+                mo = row * m_stride
                 m = NEG_INF
                 for j in range(SPL):
                     s = j * TPR + lane
                     if live and s < n_steps:
                         AX.load(x, rs + s, sv)
+                        if MASKED:  # left out like the padding
+                            R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                     else:
                         for k in range(K):
                             sv[k] = NEG_INF
@@ -107,8 +122,10 @@ def softmax_kernel(strategy, dt, vec=False):
                     if s < n_steps:
                         for k in range(K):
                             sv[k] = result(vals[j * K + k], m, inv, log_s, mode, True)
+                        if MASKED:
+                            R.mask_out(sv, mask, mo + s * K, K, masked_value(mode))
                         AX.store(out, rs + s, sv)
-        return softmax_warp
+        return softmax_warp if MASKED else _unmasked_main(softmax_warp)
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
@@ -116,7 +133,7 @@ def softmax_kernel(strategy, dt, vec=False):
         RAW = AX.RAW if RAWC else acc
         NW = AX.NW if RAWC else 1
 
-        def softmax_block(x, out, lse, n_rows, n_cls, mode, unused):
+        def softmax_block(x, out, lse, n_rows, n_cls, mode, unused, mask, m_stride):
             cache = cuda.shared.array(0, acc)
             cache_r = cuda.shared.array(0, RAW)
             buf_m = cuda.shared.array(32, acc)
@@ -128,6 +145,7 @@ def softmax_kernel(strategy, dt, vec=False):
             n_steps = n_cls // K
             for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
                 rs = row * n_steps
+                mo = row * m_stride
                 m = NEG_INF
                 se = ZERO
                 if cached:
@@ -139,6 +157,8 @@ def softmax_kernel(strategy, dt, vec=False):
                             AX.unpack_raw(rv, sv)
                         else:
                             AX.load(x, rs + s, sv)
+                        if MASKED:
+                            R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                         for k in range(K):
                             z = sv[k]
                             if not RAWC:
@@ -151,6 +171,8 @@ def softmax_kernel(strategy, dt, vec=False):
                             for j in range(NW):
                                 rv[j] = cache_r[U(s * NW + j)]
                             AX.unpack_raw(rv, sv)
+                            if MASKED:
+                                R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                         for k in range(K):
                             c = s * K + k
                             e = math.exp((sv[k] if RAWC else cache[U(c)]) - m)
@@ -161,6 +183,8 @@ def softmax_kernel(strategy, dt, vec=False):
                 else:
                     for s in range(tid, n_steps, bd):
                         AX.load(x, rs + s, sv)
+                        if MASKED:
+                            R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                         for k in range(K):
                             m, se = R.online(m, se, sv[k])
                     m, se = RD.block_merge(m, se, buf_m, buf_s)
@@ -184,11 +208,13 @@ def softmax_kernel(strategy, dt, vec=False):
                         AX.load(x, rs + s, sv)
                         for k in range(K):
                             sv[k] = result(sv[k], m, inv, log_s, mode, False)
+                    if MASKED:
+                        R.mask_out(sv, mask, mo + s * K, K, masked_value(mode))
                     AX.store(out, rs + s, sv)
-        return softmax_block
+        return softmax_block if MASKED else _unmasked_main(softmax_block)
 
     if strategy == "split_partial":
-        def softmax_split_partial(x, ws, n_rows, n_cls, n_split):
+        def softmax_split_partial(x, ws, n_rows, n_cls, n_split, mask, m_stride):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
             sv = cuda.local.array(K, acc)
@@ -204,16 +230,18 @@ def softmax_kernel(strategy, dt, vec=False):
                 se = ZERO
                 for s in range(lo + tid, min(n_steps, lo + length), bd):
                     AX.load(x, rs + s, sv)
+                    if MASKED:
+                        R.mask_out(sv, mask, row * m_stride + s * K, K, NEG_INF)
                     for k in range(K):
                         m, se = R.online(m, se, sv[k])
                 m, se = RD.block_merge(m, se, buf_m, buf_s)
                 if tid == 0:
                     ws[U(2 * b)] = m
                     ws[U(2 * b + 1)] = se
-        return softmax_split_partial
+        return softmax_split_partial if MASKED else _unmasked_partial(softmax_split_partial)
 
     if strategy == "split_finish":
-        def softmax_split_finish(x, out, lse, ws, n_rows, n_cls, mode, n_split):
+        def softmax_split_finish(x, out, lse, ws, n_rows, n_cls, mode, n_split, mask, m_stride):
             sv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
@@ -241,7 +269,36 @@ def softmax_kernel(strategy, dt, vec=False):
                     AX.load(x, rs + s, sv)
                     for k in range(K):
                         sv[k] = result(sv[k], m, inv, log_s, mode, False)
+                    if MASKED:
+                        R.mask_out(sv, mask, row * m_stride + s * K, K, masked_value(mode))
                     AX.store(out, rs + s, sv)
-        return softmax_split_finish
+        return softmax_split_finish if MASKED else _unmasked_finish(softmax_split_finish)
 
     raise KeyError(strategy)
+
+
+# ---- the unmasked kernels: a masked body inlined with stand-ins it never reads ---------------
+# (MASKED is False in those bodies; x stands in for the mask only to give it a type.)
+
+def _unmasked_main(body):
+    run = cuda.jit(device=True, inline="always")(body)
+
+    def softmax_main(x, out, lse, n_rows, n_cls, mode, unused):
+        run(x, out, lse, n_rows, n_cls, mode, unused, x, types.int64(0))
+    return softmax_main
+
+
+def _unmasked_partial(body):
+    run = cuda.jit(device=True, inline="always")(body)
+
+    def softmax_partial(x, ws, n_rows, n_cls, n_split):
+        run(x, ws, n_rows, n_cls, n_split, x, types.int64(0))
+    return softmax_partial
+
+
+def _unmasked_finish(body):
+    run = cuda.jit(device=True, inline="always")(body)
+
+    def softmax_finish(x, out, lse, ws, n_rows, n_cls, mode, n_split):
+        run(x, out, lse, ws, n_rows, n_cls, mode, n_split, x, types.int64(0))
+    return softmax_finish

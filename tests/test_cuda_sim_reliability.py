@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kinds import SIMULATOR, available_kinds
-from reference import ref_cross_entropy, ref_softmax
+from reference import ref_cross_entropy, ref_log_softmax, ref_softmax
 
 pytestmark = pytest.mark.skipif(not SIMULATOR, reason="simulator tests: set NUMBA_ENABLE_CUDASIM=1")
 
@@ -111,3 +111,81 @@ def test_softmax_bitwise_across_batches(strategy):
     assert full.tobytes() == again.tobytes()
     assert part.tobytes() == full[[2, 0]].tobytes()
     np.testing.assert_allclose(full, ref_softmax(x), rtol=2e-5, atol=1e-7)
+
+
+# ---- class masks ----------------------------------------------------------------------------
+
+def _mask(rng, shape, keep=0.6):
+    m = rng.random(shape) < keep
+    m[..., 0] = True
+    return m
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_C)
+def test_class_mask(strategy):
+    """Each strategy's masked kernels against the reference (which drops masked classes):
+    a per-row mask with hard targets (smoothing over the live classes, softcap, weights,
+    z-loss; an ignored row with every class masked; a row whose target is masked gives a NaN
+    loss and a zero gradient, as a bad target does), a shared (C,) mask with soft targets (a
+    row with probability on a masked class: the same), and log_softmax (-inf where masked)."""
+    c = STRATEGY_C[strategy]
+    rng = np.random.default_rng(abs(hash(("mask", strategy))) % 2**32)
+    x = (rng.standard_normal((3, c)) * 4).astype(np.float32)
+    mask = _mask(rng, (3, c))
+    x[~mask] = np.nan  # masked logits are never read into a sum
+    t = np.array([int(rng.choice(np.flatnonzero(mask[i]))) for i in range(3)])
+    t[1] = -100
+    mask[1] = False
+    t[2] = int(np.flatnonzero(~mask[2])[0])  # a masked target
+    w = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    kw = dict(weight=w, label_smoothing=0.2, softcap=15.0, z_loss=1e-3, reduction="none")
+    loss, grad = _ce(x, t, strategy, class_mask=mask, **kw)
+    good = np.array([0, 1])
+    ref_loss, ref_grad = ref_cross_entropy(x[good], t[good], class_mask=mask[good], **kw)
+    np.testing.assert_allclose(loss[good], ref_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad[good], ref_grad, rtol=1e-4, atol=2e-6)
+    assert np.isnan(loss[2]) and np.all(grad[2] == 0)
+    assert np.all(grad[~mask] == 0)
+
+    shared = _mask(rng, c)
+    q = rng.dirichlet(np.ones(c), size=2).astype(np.float32) * shared
+    q /= q.sum(-1, keepdims=True)
+    q[1, np.flatnonzero(~shared)[0]] = 0.25  # probability on a masked class
+    x2 = (rng.standard_normal((2, c)) * 4).astype(np.float32)
+    x2[:, ~shared] = np.inf
+    kw = dict(label_smoothing=0.1, reduction="none")
+    loss, grad = _ce(x2, q, strategy, class_mask=shared, **kw)
+    ref_loss, ref_grad = ref_cross_entropy(x2[:1], q[:1], class_mask=shared, **kw)
+    np.testing.assert_allclose(loss[:1], ref_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad[:1], ref_grad, rtol=1e-4, atol=2e-6)
+    assert np.isnan(loss[1]) and np.all(grad[1] == 0) and np.all(grad[:, ~shared] == 0)
+
+    keep = _mask(rng, (2, c))
+    keep[1] = False  # every class masked: -inf everywhere (the CPU raises)
+    x2 = np.where(keep, rng.standard_normal((2, c)) * 4, np.nan).astype(np.float32)
+    with _cuda.force_strategy(strategy):
+        lsm = KIND.back(gpuce.log_softmax(KIND.to(x2), class_mask=KIND.to(keep)))
+    ref = ref_log_softmax(x2[:1], class_mask=keep[:1])
+    assert np.all(np.isneginf(lsm[~keep]))
+    np.testing.assert_allclose(lsm[:1][keep[:1]], ref[keep[:1]], rtol=1e-5, atol=1e-5)
+
+
+def test_class_mask_validate_and_device():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    mask = np.ones(20, bool)
+    mask[5] = False
+    t = np.array([0, 5, 7])
+    with pytest.raises(ValueError, match="class_mask: the target class 5 of row 1 is masked"):
+        _ce(x, t, "warp", class_mask=mask, validate=True)
+    with pytest.raises(TypeError, match="class_mask"):  # a host mask with device logits
+        gpuce.cross_entropy(KIND.to(x), KIND.to(t), class_mask=mask)
+    with pytest.raises(TypeError, match="class_mask"):
+        gpuce.softmax(KIND.to(x), class_mask=mask)
+    with pytest.raises(TypeError, match="class_mask: dtype uint8"):
+        gpuce.softmax(KIND.to(x), class_mask=KIND.to(mask.astype(np.uint8)))
+    with _cuda.force_strategy("warp"):  # ignore_index rows' targets may be masked
+        loss = gpuce.cross_entropy(KIND.to(x), KIND.to(np.array([0, -100, 7])),
+                                   class_mask=KIND.to(mask), validate=True, reduction="sum")
+    ref = ref_cross_entropy(x, np.array([0, -100, 7]), class_mask=mask, reduction="sum")[0]
+    np.testing.assert_allclose(KIND.back(loss), ref, rtol=1e-5)
