@@ -48,7 +48,7 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, types
 
-from .cuda_dtypes import DTYPES, array, traits
+from .cuda_dtypes import DTYPES, array, device, traits
 from .cuda_reduce import grid_sums, reductions
 from .cuda_rowmath import ACTIVE, BAD, IDLE, rowmath
 from .cuda_vec import access, step_elems
@@ -545,7 +545,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
 # only give the unused parameters a type.)
 
 def _unmasked_main(body):
-    run = cuda.jit(device=True, inline="always")(body)
+    run = device(body)
 
     def ce_main(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index, soft,
                 weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar, inv_ce,
@@ -557,7 +557,7 @@ def _unmasked_main(body):
 
 
 def _unmasked_partial(body):
-    run = cuda.jit(device=True, inline="always")(body)
+    run = device(body)
 
     def ce_partial(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps, cap,
                    n_split):
@@ -567,7 +567,7 @@ def _unmasked_partial(body):
 
 
 def _unmasked_finish(body):
-    run = cuda.jit(device=True, inline="always")(body)
+    run = device(body)
 
     def ce_finish(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls, ignore_index,
                   soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,

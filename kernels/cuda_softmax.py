@@ -64,7 +64,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
             return z_or_e * inv if is_e else math.exp(z_or_e - m) * inv
         return (z_or_e - m) - log_s
 
-    @cuda.jit(device=True, inline="always")
+    @device
     def masked_value(mode):
         """What a masked class gets: probability 0, log-probability -inf."""
         return ZERO if mode == SOFTMAX else NEG_INF
@@ -281,7 +281,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
 # (MASKED is False in those bodies; x stands in for the mask only to give it a type.)
 
 def _unmasked_main(body):
-    run = cuda.jit(device=True, inline="always")(body)
+    run = device(body)
 
     def softmax_main(x, out, lse, n_rows, n_cls, mode, unused):
         run(x, out, lse, n_rows, n_cls, mode, unused, x, types.int64(0))
@@ -289,7 +289,7 @@ def _unmasked_main(body):
 
 
 def _unmasked_partial(body):
-    run = cuda.jit(device=True, inline="always")(body)
+    run = device(body)
 
     def softmax_partial(x, ws, n_rows, n_cls, n_split):
         run(x, ws, n_rows, n_cls, n_split, x, types.int64(0))
@@ -297,7 +297,7 @@ def _unmasked_partial(body):
 
 
 def _unmasked_finish(body):
-    run = cuda.jit(device=True, inline="always")(body)
+    run = device(body)
 
     def softmax_finish(x, out, lse, ws, n_rows, n_cls, mode, n_split):
         run(x, out, lse, ws, n_rows, n_cls, mode, n_split, x, types.int64(0))
