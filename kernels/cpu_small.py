@@ -3,16 +3,20 @@
 The generic kernels pay per-row loops of unknown length; here C is a compile-time constant
 (one build per C), so every per-row loop unrolls and the loops over rows vectorise: the max,
 the exp (one flat loop over a block), the sums, and a vectorisable log (one per row).
-Same semantics as ``cpu.make_kernels(...)["ce_hard"]`` restricted to those options.
+Same semantics as ``cpu.make_kernels(...)["ce_hard"]`` restricted to those options. The
+kernel is the whole call: it also checks the targets, forms the mean's divisor and sums the
+row losses, so a tiny call is one dispatch (see ``gpuce._cpu.small_cross_entropy``).
 """
 import math
 from functools import lru_cache
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import cpu_math as cm
-from .cpu import launch_shape  # noqa: F401  (same blocking as the generic kernels)
+from .cpu import BLOCK_ELEMS, launch_shape  # noqa: F401  (same blocking as the generic kernels)
 from .cpu_cache import PARALLEL_ON_DISK, cached
 
 MAX_C = 32
@@ -72,9 +76,19 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
     INF = acc(np.inf)
 
     @outer
-    def ce_hard_small(x, g, tgt, w, go, go_step, inv_ce, ignore_index, loss_out, write_grad,
+    def ce_hard_small(x, g, tgt, w, go, go_step, ignore_index, mean, loss_out, write_grad,
                       per_block, n_tasks):
+        """-> (sum of the row losses in float64, -1), or (0, first row whose target is
+        outside [0, C) and not ignore_index) having written nothing."""
         n_rows = x.shape[0]
+        w_kept = 0.0  # the mean's divisor, accumulated in float64
+        for i in range(n_rows):
+            y = tgt[i]
+            if y != ignore_index:
+                if y < 0 or y >= C:
+                    return 0.0, i
+                w_kept += w[y]
+        inv_ce = acc((0.0 if w_kept == 0.0 else 1.0 / w_kept) if mean else 1.0)
         for t in prange(n_tasks):
             scratch = np.empty((per_block, C), dtype=acc)
             m = np.empty(per_block, dtype=acc)
@@ -142,4 +156,39 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
                                 e[i, c] = ZERO
                         elif k[i] != ZERO:
                             e[i, y] -= a_y[i]
+        total = 0.0
+        for i in range(n_rows):
+            total += loss_out[i]
+        return total, -1
     return ce_hard_small
+
+
+@intrinsic
+def _address(typingctx, addr):
+    """An integer address (``tensor.data_ptr()``) as a void pointer, for numba.carray."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(types.int64), codegen
+
+
+@lru_cache(maxsize=None)
+def make_ce_hard_small_at(dtype_name, n_cls):
+    """The serial ``make_ce_hard_small(dtype_name, n_cls, False)`` on buffers given by address
+    (C-contiguous logits and gradient (n_rows, n_cls), int64 targets, the row losses or 0 for
+    only their sum), weights and grad_output 1: for a caller holding torch tensors, whose
+    numpy views cost more than a tiny call's kernel. Returns what the kernel returns."""
+    kernel = make_ce_hard_small(dtype_name, n_cls, False)
+    acc = _TRAITS[dtype_name][2]
+    C = n_cls
+    per_block = max(1, BLOCK_ELEMS // C)
+    variant = f"small-at dtype={dtype_name} C={C} fastmath={sorted(cm.FASTMATH)}"
+
+    @cached(njit(fastmath=cm.FASTMATH, error_model="numpy"), variant)
+    def ce_hard_small_at(x_at, g_at, tgt_at, loss_at, n_rows, ignore_index, mean):
+        x = carray(_address(x_at), (n_rows, C), acc)
+        g = carray(_address(g_at), (n_rows, C), acc)
+        tgt = carray(_address(tgt_at), (n_rows,), np.int64)
+        loss = carray(_address(loss_at), (n_rows,), acc) if loss_at else np.empty(n_rows, acc)
+        return kernel(x, g, tgt, np.ones(C, acc), np.ones(1, acc), 0, ignore_index, mean, loss,
+                      True, per_block, 1)
+    return ce_hard_small_at
