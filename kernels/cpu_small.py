@@ -91,9 +91,8 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
         inv_ce = acc((0.0 if w_kept == 0.0 else 1.0 / w_kept) if mean else 1.0)
         for t in prange(n_tasks):
             scratch = np.empty((per_block, C), dtype=acc)
-            m = np.empty(per_block, dtype=acc)
             k = np.empty(per_block, dtype=acc)
-            z_y = np.empty(per_block, dtype=acc)
+            gap = np.empty(per_block, dtype=acc)  # max - target logit
             w_y = np.empty(per_block, dtype=acc)
             kept_f = np.empty(per_block, dtype=acc)
             a_y = np.empty(per_block, dtype=acc)  # grad_output * w_y / den
@@ -103,32 +102,31 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
                 n = min(per_block, n_rows - r0)
                 xb = x[r0:r0 + n]
                 e = g[r0:r0 + n] if write_grad else scratch[:n]
-                for i in range(n):  # row max, then the shifted row: C is a constant, so
-                    xi = xb[i]          # this unrolls and the row stays in registers
-                    mi = xi[0]
+                for i in range(n):  # row max, the shifted row, the target's logit and
+                    xi = xb[i]          # weight: C is a constant, so this unrolls and the
+                    mi = xi[0]          # row stays in registers
                     for c in range(1, C):
                         v = xi[c]
                         mi = v if v > mi else mi
                     mi = ZERO if mi == NEG_INF else mi
-                    m[i] = mi
                     ei = e[i]
                     for c in range(C):
                         ei[c] = xi[c] - mi
+                    y = tgt[r0 + i]
+                    kept = y != ignore_index
+                    yc = y if kept else 0
+                    gap[i] = mi - xi[yc]
+                    w_y[i] = w[yc] * inv_ce if kept else ZERO
+                    kept_f[i] = ONE if kept else ZERO
                 ef = e.reshape(-1)
                 for j in range(n * C):  # one flat vector loop
                     ef[j] = exp(ef[j])
-                for i in range(n):  # sums and the target's logit and weight (gathers)
+                for i in range(n):  # the sums
                     ei = e[i]
                     s = ZERO
                     for c in range(C):
                         s += ei[c]
                     k[i] = s
-                    y = tgt[r0 + i]
-                    kept = y != ignore_index
-                    yc = y if kept else 0
-                    z_y[i] = xb[i, yc]
-                    w_y[i] = w[yc] * inv_ce if kept else ZERO
-                    kept_f[i] = ONE if kept else ZERO
                 if go_step:  # one grad_output per row (reduction='none')
                     for i in range(n):
                         a_y[i] = go[r0 + i] * w_y[i]
@@ -138,7 +136,10 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
                         a_y[i] = a * w_y[i]
                 for i in range(n):  # no gathers, no branches: this loop vectorises
                     s = k[i]
-                    loss = w_y[i] * cm.gap_plus(m[i], z_y[i], log(s)) if w_y[i] != ZERO else ZERO
+                    # -log p_y = (m - z_y) + log s in this order (cm.gap_plus): the gap comes
+                    # from memory, formed in another loop, so fast-math cannot reassociate it
+                    # with log s, and no fence stops this loop from vectorising
+                    loss = w_y[i] * (gap[i] + log(s)) if w_y[i] != ZERO else ZERO
                     loss = loss if s != ZERO else INF * inv_ce  # all -inf: +inf, gradient 0
                     loss_out[r0 + i] = loss if kept_f[i] != ZERO else ZERO
                     k[i] = a_y[i] / s if s != ZERO else ZERO  # NaN s: NaN row
