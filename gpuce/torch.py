@@ -15,7 +15,9 @@ respect to the logits in one pass over them; the gradient is saved for the backw
 owns that buffer: it returns it as is when ``grad_output`` is 1 (read on the CPU only),
 and otherwise scales it in place in one pass (on CUDA always, without a host sync). Only
 when the graph is kept (``retain_graph=True``) does the product go to a new buffer. Eagerly
-this runs as plain autograd Functions (cheapest per call); under ``torch.compile`` the
+this runs as plain autograd Functions (cheapest per call; a small CPU call with the default
+options goes straight to the short-row kernel on the tensors' addresses, see
+``_short_rows_call``); under ``torch.compile`` the
 kernels run behind ``torch.library.custom_op`` operators, so the compiler (``fullgraph=True``
 included) treats them as opaque calls with a fake (meta) implementation and never breaks
 the graph:
