@@ -1,6 +1,5 @@
 """CPU backend: numpy arrays and CPU torch tensors, run by the @njit kernels."""
 import sys
-from contextlib import contextmanager
 from functools import lru_cache
 
 import numba
@@ -9,7 +8,7 @@ import numpy as np
 from . import _dispatch, _threading
 from ._checks import dtype_name
 
-_ACC = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
+ACC = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
 _RAW = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
 
 
@@ -104,9 +103,12 @@ def _cpu_kernels():
 
 def _run(rows, kernel_for, *args):
     """Run ``kernel_for(parallel)`` over ``rows``: the serial build with one thread's task
-    shape for small calls and unsafe threading layers (see _parallel_for), else the parallel
-    build."""
-    with _parallel_for(rows) as parallel:
+    shape for small calls (waking the pool costs more than the work) and where numba's
+    threading layer is unsafe (a forked omp child, a busy workqueue: see _threading), else
+    the parallel build."""
+    if rows.size < SERIAL_BELOW:  # the common tiny call: no context manager on its path
+        return kernel_for(False)(*args, *_cpu_kernels().launch_shape(*rows.shape, 1))
+    with _threading.parallel_allowed() as parallel:
         n_threads = numba.get_num_threads() if parallel else 1
         return kernel_for(parallel)(*args, *_cpu_kernels().launch_shape(*rows.shape, n_threads))
 
@@ -151,26 +153,57 @@ def add_into(total, part):
     no widened copy of ``part``."""
     dt = dtype_name(part)
     x, acc = raw(to_numpy(part), dt), to_numpy(total)
-    if x.shape != acc.shape or x.ndim != 2 or acc.dtype != _ACC[dt]:
-        raise ValueError(f"total: expected a {_ACC[dt].__name__} array of shape {x.shape}")
+    if x.shape != acc.shape or x.ndim != 2 or acc.dtype != ACC[dt]:
+        raise ValueError(f"total: expected a {ACC[dt].__name__} array of shape {x.shape}")
     if not (x.flags.c_contiguous and acc.flags.c_contiguous and acc.flags.writeable):
         raise ValueError("total, part: expected C-contiguous arrays (total writeable)")
     _launch(x, dt, None, None, "add_into", x, acc)
 
 
-def _small_ok(req, dt, n_cls, inplace, eps, zl):
+def _small_ok(req, dt, n_cls):
     """Whether the short-row kernel (C a compile-time constant) covers this call."""
-    return (n_cls <= _SMALL_MAX_C and dt in ("float32", "float64") and not inplace
-            and req.softcap is None and eps == 0 and zl == 0)
+    return (n_cls <= SMALL_MAX_C and dt in ("float32", "float64") and not req.inplace
+            and req.softcap is None and req.label_smoothing == 0 and req.z_loss == 0)
 
 
-_SMALL_MAX_C = 32
+SMALL_MAX_C = 32
 
 
-def _launch_small(rows, dt, *args):
-    """Run the short-row kernel (one build per C) over ``rows``."""
-    make, n_cls = _small_factory(), rows.shape[1]
-    return _run(rows, lambda parallel: make(dt, n_cls, parallel), rows, *args)
+def small_cross_entropy(rows, dt, grad_rows, tgt, weight, go, go_step, ignore_index,
+                        reduction, loss_rows, want_grad):
+    """The short-row kernel (one build per C) over ``rows`` (float32/float64, C-contiguous,
+    C <= SMALL_MAX_C) with int64 targets: the whole call in one dispatch, which checks the
+    targets, writes ``loss_rows`` (and ``grad_rows`` if ``want_grad``) and returns the sum of
+    the row losses (float64). A bad target raises ValueError before anything is written."""
+    n_cls = rows.shape[1]
+    args = (rows, grad_rows, tgt, weight, go, go_step, ignore_index, reduction == "mean",
+            loss_rows, want_grad)
+    if rows.size < SERIAL_BELOW:  # _run's serial case, one task (a tiny call's path)
+        total, bad = _small_serial(dt, n_cls)(*args, _cpu_kernels().BLOCK_ELEMS // n_cls, 1)
+    else:
+        make = _small_factory()
+        total, bad = _run(rows, lambda parallel: make(dt, n_cls, parallel), *args)
+    if bad >= 0:
+        bad_target(tgt, bad, n_cls, ignore_index)
+    return total
+
+
+def bad_target(tgt, row, n_cls, ignore_index):
+    raise ValueError(f"target: class index {int(tgt[row])} (row {row}) is outside "
+                     f"[0, {n_cls}) and is not ignore_index={ignore_index}")
+
+
+@lru_cache(maxsize=None)
+def small_kernel_at(dt, n_cls):
+    """The serial short-row kernel on buffer addresses (see kernels/cpu_small.py)."""
+    _small_factory()
+    from .kernels import cpu_small
+    return cpu_small.make_ce_hard_small_at(dt, n_cls)
+
+
+@lru_cache(maxsize=None)
+def _small_serial(dt, n_cls):
+    return _small_factory()(dt, n_cls, False)
 
 
 def _small_factory():
@@ -230,7 +263,7 @@ class CpuBackend:
     def logsumexp(self, x, axis, dt):
         xr = raw(to_numpy(x), dt)
         rows = _rows(xr, axis)
-        res = np.empty(rows.shape[0], dtype=_ACC[dt])
+        res = np.empty(rows.shape[0], dtype=ACC[dt])
         if rows.shape[0]:
             if rows.shape[1]:
                 _launch(rows, dt, None, None, "logsumexp", rows, res, 0.0)
@@ -244,12 +277,12 @@ class CpuBackend:
     def cross_entropy(self, req):
         cpu = _cpu_kernels()
         dt = req.dtype
-        acc = _ACC[dt]
+        acc = ACC[dt]
         logits_np = raw(to_numpy(req.logits), dt)
         rows = _rows(logits_np, -1)
         n_rows, n_cls = rows.shape
         cap = acc(req.softcap if req.softcap is not None else 0.0)
-        weight = (_ones(n_cls, acc) if req.weight is None
+        weight = (ones(n_cls, acc) if req.weight is None
                   else np.ascontiguousarray(_float_numpy(req.weight), dtype=acc))
         eps, zl = acc(req.label_smoothing), acc(req.z_loss)
 
@@ -263,10 +296,11 @@ class CpuBackend:
                 _check_soft_mask(q_rows, *mask)
         else:
             tgt = np.ascontiguousarray(to_numpy(req.target), dtype=np.int64).reshape(-1)
+            if mask is None and _small_ok(req, dt, n_cls):
+                return self._cross_entropy_small(req, rows, logits_np, tgt, weight, acc)
             w_kept, kept, bad = cpu.hard_target_stats(tgt, weight, n_cls, req.ignore_index)
             if bad >= 0:
-                raise ValueError(f"target: class index {int(tgt[bad])} (row {bad}) is outside "
-                                 f"[0, {n_cls}) and is not ignore_index={req.ignore_index}")
+                bad_target(tgt, bad, n_cls, req.ignore_index)
             den_ce, den_z = w_kept, float(kept)
             if mask is not None:
                 _check_hard_mask(tgt, req.ignore_index, *mask)
@@ -290,10 +324,7 @@ class CpuBackend:
                             mask=mask)
             else:
                 w_sum = acc(n_cls) if req.weight is None else acc(weight.sum(dtype=np.float64))
-                if mask is None and _small_ok(req, dt, n_cls, inplace, eps, zl):
-                    _launch_small(rows, dt, grad_rows, tgt, weight, go, go_step, inv_ce,
-                                  req.ignore_index, loss_rows, req.want_grad)
-                elif inplace:
+                if inplace:
                     _launch(rows, dt, req.softcap, None, "ce_hard_inplace", rows, tgt, weight,
                             w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, req.ignore_index,
                             loss_rows, mask=mask)
@@ -301,18 +332,22 @@ class CpuBackend:
                     _launch(rows, dt, req.softcap, None, "ce_hard", rows, grad_rows, tgt, weight,
                             w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, req.ignore_index,
                             loss_rows, req.want_grad, mask=mask)
-        if req.reduction == "none":
-            loss = loss_rows.reshape(req.row_shape)
-            loss = wrap_loss(req.logits, loss) if _is_cpu_tensor(req.logits) else loss
-        else:
-            loss = wrap_loss(req.logits, acc(loss_rows.sum(dtype=np.float64)))
-        return loss, (finish() if req.want_grad else None)
+        total = loss_rows.sum(dtype=np.float64) if req.reduction != "none" else None
+        return _loss(req, loss_rows, total, acc), (finish() if req.want_grad else None)
+
+    def _cross_entropy_small(self, req, rows, logits_np, tgt, weight, acc):
+        go, go_step = self._grad_output(req, acc, rows.shape[0])
+        grad_rows, finish = self._grad_buffer(req, rows, logits_np)
+        loss_rows = np.empty(rows.shape[0], dtype=acc)
+        total = small_cross_entropy(rows, req.dtype, grad_rows, tgt, weight, go, go_step,
+                                    req.ignore_index, req.reduction, loss_rows, req.want_grad)
+        return _loss(req, loss_rows, total, acc), (finish() if req.want_grad else None)
 
     @staticmethod
     def _grad_output(req, acc, n_rows):
         go = req.grad_output
         if go is None:
-            return _ones(1, acc), 0
+            return ones(1, acc), 0
         if isinstance(go, (int, float)):
             return np.full(1, go, dtype=acc), 0
         arr = np.ascontiguousarray(_float_numpy(go), dtype=acc).reshape(-1)
@@ -348,26 +383,22 @@ class CpuBackend:
         return grad_np.reshape(rows.shape), lambda: wrap(req.logits, grad_np, dt)
 
 
+def _loss(req, loss_rows, total, acc):
+    """The loss in the logits' array type: the rows for 'none', else the total as acc."""
+    if req.reduction == "none":
+        loss = loss_rows.reshape(req.row_shape)
+        return wrap_loss(req.logits, loss) if _is_cpu_tensor(req.logits) else loss
+    return wrap_loss(req.logits, acc(total))
+
+
 @lru_cache(maxsize=256)
-def _ones(n, acc):
+def ones(n, acc):
     """A shared array of ones (default weights, default grad_output); the kernels only read
     it. Writeable on purpose: a read-only array would be another numba specialisation."""
     return np.ones(n, dtype=acc)
 
 
 SERIAL_BELOW = 1 << 16  # elements; under this, waking the thread pool costs more than the work
-
-
-@contextmanager
-def _parallel_for(rows):
-    """Yields whether ``rows`` run on the parallel kernels. Small calls take the serial build
-    on the calling thread (waking the pool costs more than the work); so does any call where
-    numba's threading layer is unsafe (a forked omp child, a busy workqueue: see _threading)."""
-    if rows.size < SERIAL_BELOW:
-        yield False
-        return
-    with _threading.parallel_allowed() as parallel:
-        yield parallel
 
 
 def _check_hard_mask(tgt, ignore_index, mask_rows, step):

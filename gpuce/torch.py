@@ -15,7 +15,9 @@ respect to the logits in one pass over them; the gradient is saved for the backw
 owns that buffer: it returns it as is when ``grad_output`` is 1 (read on the CPU only),
 and otherwise scales it in place in one pass (on CUDA always, without a host sync). Only
 when the graph is kept (``retain_graph=True``) does the product go to a new buffer. Eagerly
-this runs as plain autograd Functions (cheapest per call); under ``torch.compile`` the
+this runs as plain autograd Functions (cheapest per call; a small CPU call with the default
+options goes straight to the short-row kernel on the tensors' addresses, see
+``_short_rows_call``); under ``torch.compile`` the
 kernels run behind ``torch.library.custom_op`` operators, so the compiler (``fullgraph=True``
 included) treats them as opaque calls with a fake (meta) implementation and never breaks
 the graph:
@@ -60,10 +62,12 @@ compiled graph would be functionalised into a copy anyway). So the logits' conte
 """
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 import gpuce
+from gpuce import _cpu
 
 __all__ = ["cross_entropy", "CrossEntropyLoss"]
 
@@ -217,7 +221,7 @@ def _keep_graph():
 
 def _go_is_one(grad_output, reduction):
     # read only on the CPU: on CUDA, reading the value would be a host sync
-    return (reduction != "none" and grad_output.device.type == "cpu"
+    return (reduction != "none" and grad_output.is_cpu
             and grad_output.numel() == 1 and grad_output.item() == 1.0)
 
 
@@ -260,15 +264,25 @@ class _DifferentiableOnce(torch.autograd.Function):
 
 class _FusedCrossEntropy(torch.autograd.Function):
     """The eager training path: one fused call in the forward; the backward reuses its
-    gradient buffer (see _backward_scale). torch.compile traces gpuce::cross_entropy_fwd."""
+    gradient buffer (see _backward_scale). torch.compile traces gpuce::cross_entropy_fwd.
+
+    The arguments other than the logits come as one tuple ``call`` (target, weight,
+    ignore_index, reduction, label_smoothing, z_loss, softcap, class_mask): autograd handles
+    each argument of apply, forward and backward, which a tiny call feels. Neither tensor in it
+    gets a gradient (cross_entropy refuses ones that require grad)."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, class_mask):
-        loss, grad = gpuce.cross_entropy_with_grad(
-            logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            class_mask=class_mask)
+    def forward(ctx, logits, call):
+        (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+         class_mask) = call
+        if class_mask is None and _short_rows_ok(logits, target, weight, label_smoothing, z_loss,
+                                                 softcap):
+            loss, grad = _short_rows_call(logits, target, ignore_index, reduction)
+        else:
+            loss, grad = gpuce.cross_entropy_with_grad(
+                logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                class_mask=class_mask)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
         ctx.set_materialize_grads(False)
@@ -277,9 +291,47 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if grad_loss is None:
-            return (None,) * 9
+            return None, None
         (grad,) = ctx.saved_tensors
-        return (_backward_scale(grad, grad_loss, ctx.reduction),) + (None,) * 8
+        return _backward_scale(grad, grad_loss, ctx.reduction), None
+
+
+_SHORT_ROW_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _short_rows_ok(logits, target, weight, label_smoothing, z_loss, softcap):
+    """Whether gpuce's short-row kernel takes this call directly (see _short_rows_call): C-
+    contiguous float32/float64 CPU logits with at most SMALL_MAX_C classes, contiguous int64
+    class indices of the row shape, default options. Anything else takes the general path,
+    whose checks raise the errors."""
+    return (logits.dtype in _SHORT_ROW_DTYPES and logits.is_cpu and logits.dim() > 0
+            and 0 < logits.shape[-1] <= _cpu.SMALL_MAX_C and logits.is_contiguous()
+            and target.dtype == torch.int64 and target.is_cpu and target.is_contiguous()
+            and target.shape == logits.shape[:-1] and weight is None
+            and label_smoothing == 0.0 and z_loss == 0.0 and softcap is None)
+
+
+def _short_rows_call(logits, target, ignore_index, reduction):
+    """gpuce.cross_entropy_with_grad for a call _short_rows_ok accepts: the short-row kernel
+    (the same one the general path runs) called once on the tensors' addresses, without the
+    general path's checks and numpy views, which cost more than the kernel on small
+    batches."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    n_cls = logits.shape[-1]
+    n_rows = grad.numel() // n_cls
+    kernel = _cpu.small_kernel_at(_SHORT_ROW_DTYPES[logits.dtype], n_cls)
+    if reduction == "none":
+        loss = torch.empty(logits.shape[:-1], dtype=logits.dtype)
+        loss_at = loss.data_ptr() if n_rows else 0
+    else:
+        loss_at = 0  # the kernel sums the row losses in float64
+    total, bad = kernel(logits.data_ptr(), grad.data_ptr(), target.data_ptr(), loss_at, n_rows,
+                        ignore_index, reduction == "mean")
+    if bad >= 0:
+        _cpu.bad_target(target.reshape(-1).numpy(), bad, n_cls, ignore_index)
+    if reduction != "none":
+        loss = torch.from_numpy(np.asarray(_cpu.ACC[_SHORT_ROW_DTYPES[logits.dtype]](total)))
+    return loss, grad
 
 
 class _InplaceCrossEntropy(torch.autograd.Function):
@@ -358,15 +410,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("gpuce.torch.cross_entropy: input and target must be torch tensors")
     grad_mode = torch.is_grad_enabled()
-    if grad_mode:
-        for name, t in (("target", target), ("weight", weight)):
-            if t is not None and t.requires_grad:
-                raise ValueError(
-                    f"{name}: requires grad, but gpuce.torch.cross_entropy differentiates "
-                    f"only with respect to the input (logits); pass {name}.detach()")
+    if grad_mode and (target.requires_grad or (weight is not None and weight.requires_grad)):
+        name = "target" if target.requires_grad else "weight"
+        raise ValueError(f"{name}: requires grad, but gpuce.torch.cross_entropy differentiates "
+                         f"only with respect to the input (logits); pass {name}.detach()")
     args = (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
             class_mask)
     compiling = torch.compiler.is_compiling()
+    if grad_mode and not (inplace or compiling) and input.requires_grad:
+        return _apply_fused(input, args)  # the common training call, first
     if not (grad_mode and input.requires_grad):
         if compiling:
             return _ce_loss(input, *args)
@@ -376,14 +428,33 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if compiling:  # the opaque custom ops; eagerly, plain autograd Functions cost less per call
         loss, _ = _ce_fwd(input, *args)
         return loss
-    if inplace:
-        if input.is_leaf:
-            raise ValueError(
-                "inplace=True: the input is a leaf tensor that requires grad; overwriting it "
-                "with the gradient would destroy it. Use inplace=False")
-        loss, _ = _InplaceCrossEntropy.apply(input, *args)
-        return loss
-    return _FusedCrossEntropy.apply(input, *args)
+    # here inplace=True, eagerly
+    if input.is_leaf:
+        raise ValueError(
+            "inplace=True: the input is a leaf tensor that requires grad; overwriting it "
+            "with the gradient would destroy it. Use inplace=False")
+    loss, _ = _InplaceCrossEntropy.apply(input, *args)
+    return loss
+
+
+def _apply_fused(input, call):
+    """_FusedCrossEntropy.apply(input, call) without autograd.Function.apply's Python layer,
+    which costs more than a small call's kernel (binding default arguments, a walk over the
+    arguments for functorch's dead wrappers: done here for the tensors). Under functorch
+    transforms, the full apply."""
+    if _C_APPLY is None or torch._C._are_functorch_transforms_active():
+        return _FusedCrossEntropy.apply(input, call)
+    target, weight = _unwrap_if_dead(call[0]), call[1]
+    if weight is not None:
+        weight = _unwrap_if_dead(weight)
+    return _C_APPLY(_unwrap_if_dead(input), (target, weight) + call[2:])
+
+
+try:  # what autograd.Function.apply calls once its Python layer is done
+    _C_APPLY = super(torch.autograd.Function, _FusedCrossEntropy).apply
+    from torch._C._functorch import unwrap_if_dead as _unwrap_if_dead
+except (AttributeError, ImportError):  # pragma: no cover  (another torch layout)
+    _C_APPLY = None
 
 
 class CrossEntropyLoss(nn.Module):

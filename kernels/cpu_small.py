@@ -3,16 +3,20 @@
 The generic kernels pay per-row loops of unknown length; here C is a compile-time constant
 (one build per C), so every per-row loop unrolls and the loops over rows vectorise: the max,
 the exp (one flat loop over a block), the sums, and a vectorisable log (one per row).
-Same semantics as ``cpu.make_kernels(...)["ce_hard"]`` restricted to those options.
+Same semantics as ``cpu.make_kernels(...)["ce_hard"]`` restricted to those options. The
+kernel is the whole call: it also checks the targets, forms the mean's divisor and sums the
+row losses, so a tiny call is one dispatch (see ``gpuce._cpu.small_cross_entropy``).
 """
 import math
 from functools import lru_cache
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import cpu_math as cm
-from .cpu import launch_shape  # noqa: F401  (same blocking as the generic kernels)
+from .cpu import BLOCK_ELEMS, launch_shape  # noqa: F401  (same blocking as the generic kernels)
 from .cpu_cache import PARALLEL_ON_DISK, cached
 
 MAX_C = 32
@@ -72,14 +76,23 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
     INF = acc(np.inf)
 
     @outer
-    def ce_hard_small(x, g, tgt, w, go, go_step, inv_ce, ignore_index, loss_out, write_grad,
+    def ce_hard_small(x, g, tgt, w, go, go_step, ignore_index, mean, loss_out, write_grad,
                       per_block, n_tasks):
+        """-> (sum of the row losses in float64, -1), or (0, first row whose target is
+        outside [0, C) and not ignore_index) having written nothing."""
         n_rows = x.shape[0]
+        w_kept = 0.0  # the mean's divisor, accumulated in float64
+        for i in range(n_rows):
+            y = tgt[i]
+            if y != ignore_index:
+                if y < 0 or y >= C:
+                    return 0.0, i
+                w_kept += w[y]
+        inv_ce = acc((0.0 if w_kept == 0.0 else 1.0 / w_kept) if mean else 1.0)
         for t in prange(n_tasks):
             scratch = np.empty((per_block, C), dtype=acc)
-            m = np.empty(per_block, dtype=acc)
             k = np.empty(per_block, dtype=acc)
-            z_y = np.empty(per_block, dtype=acc)
+            gap = np.empty(per_block, dtype=acc)  # max - target logit
             w_y = np.empty(per_block, dtype=acc)
             kept_f = np.empty(per_block, dtype=acc)
             a_y = np.empty(per_block, dtype=acc)  # grad_output * w_y / den
@@ -89,32 +102,31 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
                 n = min(per_block, n_rows - r0)
                 xb = x[r0:r0 + n]
                 e = g[r0:r0 + n] if write_grad else scratch[:n]
-                for i in range(n):  # row max, then the shifted row: C is a constant, so
-                    xi = xb[i]          # this unrolls and the row stays in registers
-                    mi = xi[0]
+                for i in range(n):  # row max, the shifted row, the target's logit and
+                    xi = xb[i]          # weight: C is a constant, so this unrolls and the
+                    mi = xi[0]          # row stays in registers
                     for c in range(1, C):
                         v = xi[c]
                         mi = v if v > mi else mi
                     mi = ZERO if mi == NEG_INF else mi
-                    m[i] = mi
                     ei = e[i]
                     for c in range(C):
                         ei[c] = xi[c] - mi
+                    y = tgt[r0 + i]
+                    kept = y != ignore_index
+                    yc = y if kept else 0
+                    gap[i] = mi - xi[yc]
+                    w_y[i] = w[yc] * inv_ce if kept else ZERO
+                    kept_f[i] = ONE if kept else ZERO
                 ef = e.reshape(-1)
                 for j in range(n * C):  # one flat vector loop
                     ef[j] = exp(ef[j])
-                for i in range(n):  # sums and the target's logit and weight (gathers)
+                for i in range(n):  # the sums
                     ei = e[i]
                     s = ZERO
                     for c in range(C):
                         s += ei[c]
                     k[i] = s
-                    y = tgt[r0 + i]
-                    kept = y != ignore_index
-                    yc = y if kept else 0
-                    z_y[i] = xb[i, yc]
-                    w_y[i] = w[yc] * inv_ce if kept else ZERO
-                    kept_f[i] = ONE if kept else ZERO
                 if go_step:  # one grad_output per row (reduction='none')
                     for i in range(n):
                         a_y[i] = go[r0 + i] * w_y[i]
@@ -124,7 +136,10 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
                         a_y[i] = a * w_y[i]
                 for i in range(n):  # no gathers, no branches: this loop vectorises
                     s = k[i]
-                    loss = w_y[i] * cm.gap_plus(m[i], z_y[i], log(s)) if w_y[i] != ZERO else ZERO
+                    # -log p_y = (m - z_y) + log s in this order (cm.gap_plus): the gap comes
+                    # from memory, formed in another loop, so fast-math cannot reassociate it
+                    # with log s, and no fence stops this loop from vectorising
+                    loss = w_y[i] * (gap[i] + log(s)) if w_y[i] != ZERO else ZERO
                     loss = loss if s != ZERO else INF * inv_ce  # all -inf: +inf, gradient 0
                     loss_out[r0 + i] = loss if kept_f[i] != ZERO else ZERO
                     k[i] = a_y[i] / s if s != ZERO else ZERO  # NaN s: NaN row
@@ -142,4 +157,39 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
                                 e[i, c] = ZERO
                         elif k[i] != ZERO:
                             e[i, y] -= a_y[i]
+        total = 0.0
+        for i in range(n_rows):
+            total += loss_out[i]
+        return total, -1
     return ce_hard_small
+
+
+@intrinsic
+def _address(typingctx, addr):
+    """An integer address (``tensor.data_ptr()``) as a void pointer, for numba.carray."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(types.int64), codegen
+
+
+@lru_cache(maxsize=None)
+def make_ce_hard_small_at(dtype_name, n_cls):
+    """The serial ``make_ce_hard_small(dtype_name, n_cls, False)`` on buffers given by address
+    (C-contiguous logits and gradient (n_rows, n_cls), int64 targets, the row losses or 0 for
+    only their sum), weights and grad_output 1: for a caller holding torch tensors, whose
+    numpy views cost more than a tiny call's kernel. Returns what the kernel returns."""
+    kernel = make_ce_hard_small(dtype_name, n_cls, False)
+    acc = _TRAITS[dtype_name][2]
+    C = n_cls
+    per_block = max(1, BLOCK_ELEMS // C)
+    variant = f"small-at dtype={dtype_name} C={C} fastmath={sorted(cm.FASTMATH)}"
+
+    @cached(njit(fastmath=cm.FASTMATH, error_model="numpy"), variant)
+    def ce_hard_small_at(x_at, g_at, tgt_at, loss_at, n_rows, ignore_index, mean):
+        x = carray(_address(x_at), (n_rows, C), acc)
+        g = carray(_address(g_at), (n_rows, C), acc)
+        tgt = carray(_address(tgt_at), (n_rows,), np.int64)
+        loss = carray(_address(loss_at), (n_rows,), acc) if loss_at else np.empty(n_rows, acc)
+        return kernel(x, g, tgt, np.ones(C, acc), np.ones(1, acc), 0, ignore_index, mean, loss,
+                      True, per_block, 1)
+    return ce_hard_small_at

@@ -5,8 +5,8 @@
   log_softmax and logsumexp are bitwise the same whatever other rows share the batch
   (rows added, removed, permuted), for every dtype and option.
 'mean' divides by a count or weight sum over the batch, and the 'mean'/'sum' loss is a
-float64 sum of the row losses in numpy's order, so those change with the batch (but not
-from run to run or with the thread count).
+float64 sum of the row losses in a fixed order (numpy's; row order in the short-row kernel),
+so those change with the batch (but not from run to run or with the thread count).
 """
 import json
 import os
