@@ -92,9 +92,15 @@ def logits(draw, dtype=None, lead_dims=None):
 
 
 def _to(kind, a):
-    """Hand ``a`` to the array kind keeping its strides where the kind can (numpy)."""
+    """Hand ``a`` to the array kind keeping its strides where the kind can (numpy, torch).
+    A strided view is handed over as itself (sharing memory: callers keep a copy)."""
     if kind.name == "numpy":
         return a.copy() if a.flags.c_contiguous else a
+    if kind.name == "torch" and not a.flags.c_contiguous and a.size:
+        import torch
+        if a.dtype == BF16:  # numpy has no bf16 torch knows: its raw words, viewed back
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
     r = kind.to(np.array(a, order="C", copy=True))  # torch.from_numpy would share memory
     return r if tuple(r.shape) == a.shape else r.reshape(a.shape)
 
@@ -133,6 +139,8 @@ def ce_cases(draw):
         ii = draw(st.sampled_from([-100, -1, 0, n_cls - 1]))
         kw["ignore_index"] = ii
         t = _hard_target(draw, rng, x, ii)
+    if draw(st.booleans()):  # the CPU checks targets whatever validate says
+        kw["validate"] = draw(st.sampled_from([True, False]))
     with_grad = draw(st.booleans())
     where = draw(st.sampled_from(["new", "new", "out", "inplace"])) if with_grad else "new"
     if with_grad and draw(st.booleans()):
@@ -161,6 +169,7 @@ def test_fuzz_cross_entropy(kind, case):
     x, dtype, t, kw, with_grad, where = case
     x_view, x = x, x.copy()  # the reference reads a copy: inplace=True overwrites a strided x
     dev_kw = {k: (_to(kind, v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    kw = {k: v for k, v in kw.items() if k != "validate"}  # not a reference option
     xk = _to(kind, x_view)
     if not with_grad:
         loss = gpuce.cross_entropy(xk, _to(kind, t), **dev_kw)
@@ -232,5 +241,7 @@ def test_fuzz_out_of_range_targets_raise(kind, case, data):
         bad = n_cls + 1
     t.reshape(-1)[rng.integers(t.size)] = bad
     func = data.draw(st.sampled_from([gpuce.cross_entropy, gpuce.cross_entropy_with_grad]))
+    # the CPU checks targets whatever validate says; a device only when asked (a host sync)
+    validate = True if kind.device else data.draw(st.sampled_from([None, True, False]))
     with pytest.raises(ValueError, match="target"):
-        func(_to(kind, x), _to(kind, t), ignore_index=ii, validate=True if kind.device else None)
+        func(_to(kind, x), _to(kind, t), ignore_index=ii, validate=validate)
