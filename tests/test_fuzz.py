@@ -12,16 +12,20 @@ Examples are derandomized (a fixed seed), so CI sees the same ones every run.
                                               # the CUDA kernels: tiny shapes, 60 examples
 
 GPUCE_FUZZ_EXAMPLES is the total over the tests below (CPU: 70% cross entropy, 20% softmax
-family, 10% bad targets; GPUCE_FUZZ_SIM_EXAMPLES under the simulator).
+family, 10% bad targets; GPUCE_FUZZ_SIM_EXAMPLES under the simulator). Above 1,000 (the
+full run) half the examples also take the CPU's parallel build (GPUCE_FUZZ_PARALLEL=0/1
+overrides); GPUCE_FUZZ_SEED=N draws another fixed stream. Results: benchmarks/results/fuzz.md.
 """
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 
 import gpuce
+from gpuce import _cpu as gpuce_cpu
 from helpers import (assert_grad_close, assert_log_softmax_close, assert_loss_close,
                      check_cross_entropy, np_dtype, poison)
 from kinds import BF16, SIMULATOR, available_kinds
@@ -36,11 +40,40 @@ else:
     MAX_CLS, MAX_LEAD = 80, 6   # C crosses the CPU's SMALL_C = 64 (block-at-once exp)
 
 
+# The CPU runs calls under gpuce._cpu.SERIAL_BELOW elements (all of these) on its serial
+# build; with PARALLEL, half the examples go through the parallel build instead. Its kernels
+# are compiled in each process (about 10 s a variant), so only the full run does this.
+PARALLEL = not SIMULATOR and os.environ.get(
+    "GPUCE_FUZZ_PARALLEL", "1" if TOTAL > 1000 else "0") == "1"
+BUILDS = st.booleans() if PARALLEL else st.just(False)  # just() draws nothing: same examples
+
+
+@contextmanager
+def cpu_build(parallel):
+    """Calls inside take the CPU's parallel build (parallel=True) whatever their size."""
+    if not parallel:
+        yield
+        return
+    saved, gpuce_cpu.SERIAL_BELOW = gpuce_cpu.SERIAL_BELOW, 0
+    try:
+        yield
+    finally:
+        gpuce_cpu.SERIAL_BELOW = saved
+
+
+SEED = os.environ.get("GPUCE_FUZZ_SEED")  # another fixed stream of examples, for more runs
+
+
 def _settings(share):
-    return settings(max_examples=max(1, int(TOTAL * share)), derandomize=True, deadline=None,
-                    database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
+    """Settings (share of TOTAL examples) and the seed: derandomized unless SEED is set."""
+    chosen = settings(max_examples=max(1, int(TOTAL * share)), derandomize=SEED is None,
+                      deadline=None, database=None, print_blob=True,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                             HealthCheck.filter_too_much])
+
+    def apply(test):
+        return chosen(test) if SEED is None else chosen(seed(int(SEED))(test))
+    return apply
 
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
@@ -157,15 +190,20 @@ _MASKED_ROWS = np.array([[-np.inf, -np.inf, -np.inf, 0.5244, -np.inf],
 _ZERO_WEIGHTS = np.array([0.0, 1.46, 0.0, 1.87, 0.0], dtype=np.float32)
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
 @_settings(0.7 / len(KINDS))
-@given(case=ce_cases())
+@given(case=ce_cases(), parallel=BUILDS)
 @example(case=(_MASKED_ROWS.astype(np.float16), "float16", np.array([4, 2]),
-               {"reduction": "mean", "weight": _ZERO_WEIGHTS, "ignore_index": -100}, False, "new"))
+               {"reduction": "mean", "weight": _ZERO_WEIGHTS, "ignore_index": -100}, False, "new"), parallel=False)
 @example(case=(np.tile(_MASKED_ROWS.astype(np.float32), 20), "float32", np.array([4, 2]),
                {"reduction": "none", "weight": np.resize(_ZERO_WEIGHTS, 100),
-                "label_smoothing": 0.1}, True, "new"))
+                "label_smoothing": 0.1}, True, "new"), parallel=False)
 @example(case=(_MASKED_ROWS, "float64", np.array([2, 2]),
-               {"reduction": "sum", "label_smoothing": 1.0}, True, "inplace"))
-def test_fuzz_cross_entropy(kind, case):
+               {"reduction": "sum", "label_smoothing": 1.0}, True, "inplace"), parallel=False)
+def test_fuzz_cross_entropy(kind, case, parallel):
+    with cpu_build(parallel):
+        _check_cross_entropy_case(kind, case)
+
+
+def _check_cross_entropy_case(kind, case):
     x, dtype, t, kw, with_grad, where = case
     x_view, x = x, x.copy()  # the reference reads a copy: inplace=True overwrites a strided x
     dev_kw = {k: (_to(kind, v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
@@ -194,12 +232,17 @@ _SUBNORMAL_P = np.array([[0.369, 89.5], [89.5, -14.0]])
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
 @_settings(0.2 / len(KINDS))
 @given(case=logits(lead_dims=None), func=st.sampled_from(["softmax", "log_softmax", "logsumexp"]),
-       axis=st.integers(-3, 2), with_out=st.booleans())
+       axis=st.integers(-3, 2), with_out=st.booleans(), parallel=BUILDS)
 @example(case=(_SUBNORMAL_P.astype(BF16), "bfloat16", None), func="softmax", axis=-1,
-         with_out=False)
+         with_out=False, parallel=False)
 @example(case=(np.tile(_SUBNORMAL_P, 40).astype(BF16), "bfloat16", None), func="softmax",
-         axis=-1, with_out=True)  # C = 80: the CPU's exp over a whole row, not a block
-def test_fuzz_softmax_family(kind, case, func, axis, with_out):
+         axis=-1, with_out=True, parallel=PARALLEL)  # C = 80: the CPU's exp over a whole row, not a block
+def test_fuzz_softmax_family(kind, case, func, axis, with_out, parallel):
+    with cpu_build(parallel):
+        _check_softmax_case(kind, case, func, axis, with_out)
+
+
+def _check_softmax_case(kind, case, func, axis, with_out):
     x, dtype, _ = case
     axis = axis % x.ndim  # any axis of this array
     xk = _to(kind, x)
