@@ -207,13 +207,16 @@ def _pow2_f64(typingctx, n):
 _LN2_HI32 = np.float32(0.693145751953125)
 _LN2_LO32 = np.float32(1.428606765330187e-06)
 _LOG2E32 = np.float32(1.4426950408889634)
+_TWO_M64_32 = np.float32(2.0 ** -64)
 
 
 @jit
 def exp_nonpos_f32(x):
-    """exp(x) for x <= 0 in float32, ~1 ulp; exactly 0 below -87.3 and for -inf."""
+    """exp(x) for x <= 0 in float32, ~1 ulp, subnormal results included (a bf16 softmax
+    keeps values down to 9e-41); exactly 0 below -104 (under half the least subnormal)
+    and for -inf."""
     x = np.float32(x)
-    lo = np.float32(-87.33)
+    lo = np.float32(-104.0)
     xc = lo if x < lo else x  # clamps -inf into range for the bit trick; NaN stays NaN
     n = np.rint(xc * _LOG2E32)
     r = xc - n * _LN2_HI32
@@ -227,20 +230,24 @@ def exp_nonpos_f32(x):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    scale = _pow2_f32(n)
-    return np.float32(0.0) if x < lo else p * scale
+    # 2**n in two factors: 2**(n + 64) is a normal float for n in [-150, 0], so p times it
+    # is exact, and the one rounding is the constant 2**-64, also into the subnormals
+    # (2**n alone has no float32 below n = -126: the result was flushed to 0 there)
+    return np.float32(0.0) if x < lo else (p * _pow2_f32(n + np.float32(64.0))) * _TWO_M64_32
 
 
 _LN2_HI64 = 0.6931471803691238
 _LN2_LO64 = 1.9082149292705877e-10
 _LOG2E64 = 1.4426950408889634
+_TWO_M512 = 2.0 ** -512
 
 
 @jit
 def exp_nonpos_f64(x):
-    """exp(x) for x <= 0 in float64, ~1 ulp; exactly 0 below -708 and for -inf."""
+    """exp(x) for x <= 0 in float64, ~1 ulp, subnormal results included; exactly 0 below
+    -746 (under half the least subnormal) and for -inf."""
     x = np.float64(x)
-    xc = -708.0 if x < -708.0 else x
+    xc = -746.0 if x < -746.0 else x
     n = np.rint(xc * _LOG2E64)
     r = xc - n * _LN2_HI64
     r = r - n * _LN2_LO64
@@ -259,8 +266,8 @@ def exp_nonpos_f64(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    scale = _pow2_f64(n)
-    return 0.0 if x < -708.0 else p * scale
+    # 2**n as 2**(n + 512) * 2**-512, as in exp_nonpos_f32: one rounding into the subnormals
+    return 0.0 if x < -746.0 else (p * _pow2_f64(n + 512.0)) * _TWO_M512
 
 
 @jit_nocheck

@@ -84,6 +84,33 @@ def test_large_offset_loss(kind, dtype, offset, rng):
     run_all(kind, x, t, dtype, reductions=["none"])
 
 
+# ---- subnormal probabilities ------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_cls", [2, 80])  # both sides of the CPU's block-at-once exp
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_subnormal_probabilities(kind, dtype, n_cls):
+    """Gaps that take exp(z - max) through the smallest normal into the subnormals and to 0:
+    each probability is the reference's rounded value there too, not flushed to 0 (a bf16
+    softmax of [0.369, 89.5] gave 0 for 1.9e-39). Elementwise, unlike the row criterion."""
+    top = {"float64": (690.0, 750.0)}.get(dtype, (80.0, 106.0))
+    gaps = np.linspace(*top, 61)
+    x = np.zeros((gaps.size, n_cls))
+    x[:, 1:] = -gaps[:, None]  # a row: one logit at 0, the rest at -gap
+    x = x.astype(np_dtype(dtype))
+    got = kind.back(gpuce.softmax(fresh(kind, x)))
+    ref = ref_softmax(x)
+    if dtype == "bfloat16":  # one ulp, the subnormal spacing at the bottom
+        assert_grad_close(got, ref, dtype, "softmax")
+        return
+    fi = np.finfo(np_dtype(dtype))
+    # GRAD_RTOL per element, and the spacing of the subnormals for the one rounding there
+    tol = {"float32": 2e-5, "float64": 1e-12}[dtype] * np.abs(ref) + 2 * fi.smallest_subnormal
+    err = np.abs(got.astype(np.float64) - ref)
+    worst = np.unravel_index(np.argmax(err - tol), err.shape)
+    assert np.all(err <= tol), f"gap {gaps[worst[0]]}: got {got[worst]!r}, ref {ref[worst]!r}"
+    assert np.sum((ref[:, 1:] > 0) & (ref[:, 1:] < fi.tiny)) > 0  # the range was crossed
+
+
 # ---- -inf masks ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

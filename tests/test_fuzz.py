@@ -13,18 +13,23 @@ Examples are derandomized (a fixed seed), so CI sees the same ones every run.
 
 GPUCE_FUZZ_EXAMPLES is the total over the tests below (CPU: 70% cross entropy, 20% softmax
 family, 10% bad targets; GPUCE_FUZZ_SIM_EXAMPLES under the simulator).
+GPUCE_FUZZ_PARALLEL=1 sends half the examples through the CPU's parallel build (slow: it
+compiles per process); GPUCE_FUZZ_SEED=N draws another fixed stream of examples.
+Results of the full runs: benchmarks/results/fuzz.md.
 """
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 
 import gpuce
+from gpuce import _cpu as gpuce_cpu
 from helpers import (assert_grad_close, assert_log_softmax_close, assert_loss_close,
                      check_cross_entropy, np_dtype, poison)
-from kinds import SIMULATOR, available_kinds
+from kinds import BF16, SIMULATOR, available_kinds
 from reference import ref_log_softmax, ref_logsumexp, ref_softmax
 
 KINDS = available_kinds()
@@ -36,11 +41,40 @@ else:
     MAX_CLS, MAX_LEAD = 80, 6   # C crosses the CPU's SMALL_C = 64 (block-at-once exp)
 
 
+# The CPU runs calls under gpuce._cpu.SERIAL_BELOW elements (all of these) on its serial
+# build; with PARALLEL, half the examples go through the parallel build instead. Its kernels
+# are compiled in each process (about 10 s a variant, and the short-row kernel has one per
+# C), which takes most of an hour on a loaded 2-core machine: opt-in.
+PARALLEL = not SIMULATOR and os.environ.get("GPUCE_FUZZ_PARALLEL") == "1"
+BUILDS = st.booleans() if PARALLEL else st.just(False)  # just() draws nothing: same examples
+
+
+@contextmanager
+def cpu_build(parallel):
+    """Calls inside take the CPU's parallel build (parallel=True) whatever their size."""
+    if not parallel:
+        yield
+        return
+    saved, gpuce_cpu.SERIAL_BELOW = gpuce_cpu.SERIAL_BELOW, 0
+    try:
+        yield
+    finally:
+        gpuce_cpu.SERIAL_BELOW = saved
+
+
+SEED = os.environ.get("GPUCE_FUZZ_SEED")  # another fixed stream of examples, for more runs
+
+
 def _settings(share):
-    return settings(max_examples=max(1, int(TOTAL * share)), derandomize=True, deadline=None,
-                    database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
+    """Settings (share of TOTAL examples) and the seed: derandomized unless SEED is set."""
+    chosen = settings(max_examples=max(1, int(TOTAL * share)), derandomize=SEED is None,
+                      deadline=None, database=None, print_blob=True,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                             HealthCheck.filter_too_much])
+
+    def apply(test):
+        return chosen(test) if SEED is None else chosen(seed(int(SEED))(test))
+    return apply
 
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
@@ -92,9 +126,15 @@ def logits(draw, dtype=None, lead_dims=None):
 
 
 def _to(kind, a):
-    """Hand ``a`` to the array kind keeping its strides where the kind can (numpy)."""
+    """Hand ``a`` to the array kind keeping its strides where the kind can (numpy, torch).
+    A strided view is handed over as itself (sharing memory: callers keep a copy)."""
     if kind.name == "numpy":
         return a.copy() if a.flags.c_contiguous else a
+    if kind.name == "torch" and not a.flags.c_contiguous and a.size:
+        import torch
+        if a.dtype == BF16:  # numpy has no bf16 torch knows: its raw words, viewed back
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
     r = kind.to(np.array(a, order="C", copy=True))  # torch.from_numpy would share memory
     return r if tuple(r.shape) == a.shape else r.reshape(a.shape)
 
@@ -133,6 +173,8 @@ def ce_cases(draw):
         ii = draw(st.sampled_from([-100, -1, 0, n_cls - 1]))
         kw["ignore_index"] = ii
         t = _hard_target(draw, rng, x, ii)
+    if draw(st.booleans()):  # the CPU checks targets whatever validate says
+        kw["validate"] = draw(st.sampled_from([True, False]))
     with_grad = draw(st.booleans())
     where = draw(st.sampled_from(["new", "new", "out", "inplace"])) if with_grad else "new"
     if with_grad and draw(st.booleans()):
@@ -147,22 +189,26 @@ def ce_cases(draw):
 _MASKED_ROWS = np.array([[-np.inf, -np.inf, -np.inf, 0.5244, -np.inf],
                          [0.1, 0.2, -np.inf, 0.3, 0.4]])
 _ZERO_WEIGHTS = np.array([0.0, 1.46, 0.0, 1.87, 0.0], dtype=np.float32)
-
-
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
 @_settings(0.7 / len(KINDS))
-@given(case=ce_cases())
+@given(case=ce_cases(), parallel=BUILDS)
 @example(case=(_MASKED_ROWS.astype(np.float16), "float16", np.array([4, 2]),
-               {"reduction": "mean", "weight": _ZERO_WEIGHTS, "ignore_index": -100}, False, "new"))
+               {"reduction": "mean", "weight": _ZERO_WEIGHTS, "ignore_index": -100}, False, "new"), parallel=False)
 @example(case=(np.tile(_MASKED_ROWS.astype(np.float32), 20), "float32", np.array([4, 2]),
                {"reduction": "none", "weight": np.resize(_ZERO_WEIGHTS, 100),
-                "label_smoothing": 0.1}, True, "new"))
+                "label_smoothing": 0.1}, True, "new"), parallel=False)
 @example(case=(_MASKED_ROWS, "float64", np.array([2, 2]),
-               {"reduction": "sum", "label_smoothing": 1.0}, True, "inplace"))
-def test_fuzz_cross_entropy(kind, case):
+               {"reduction": "sum", "label_smoothing": 1.0}, True, "inplace"), parallel=False)
+def test_fuzz_cross_entropy(kind, case, parallel):
+    with cpu_build(parallel):
+        _check_cross_entropy_case(kind, case)
+
+
+def _check_cross_entropy_case(kind, case):
     x, dtype, t, kw, with_grad, where = case
     x_view, x = x, x.copy()  # the reference reads a copy: inplace=True overwrites a strided x
     dev_kw = {k: (_to(kind, v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    kw = {k: v for k, v in kw.items() if k != "validate"}  # not a reference option
     xk = _to(kind, x_view)
     if not with_grad:
         loss = gpuce.cross_entropy(xk, _to(kind, t), **dev_kw)
@@ -179,13 +225,27 @@ def test_fuzz_cross_entropy(kind, case):
     check_cross_entropy(kind.back(loss), kind.back(grad), x, t, dtype, **kw)
 
 
+# Found by the full run (CPU): exp(0.369 - 89.5) = 1.9e-39 is a bf16 (and float32)
+# subnormal; the CPU exp built 2**n from exponent bits and flushed it to 0.
+_SUBNORMAL_P = np.array([[0.369, 89.5], [89.5, -14.0]])
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=repr)
 @_settings(0.2 / len(KINDS))
 @given(case=logits(lead_dims=None), func=st.sampled_from(["softmax", "log_softmax", "logsumexp"]),
-       data=st.data())
-def test_fuzz_softmax_family(kind, case, func, data):
+       axis=st.integers(-3, 2), with_out=st.booleans(), parallel=BUILDS)
+@example(case=(_SUBNORMAL_P.astype(BF16), "bfloat16", None), func="softmax", axis=-1,
+         with_out=False, parallel=False)
+@example(case=(np.tile(_SUBNORMAL_P, 40).astype(BF16), "bfloat16", None), func="softmax",
+         axis=-1, with_out=True, parallel=PARALLEL)  # C = 80: the CPU's exp over a whole row, not a block
+def test_fuzz_softmax_family(kind, case, func, axis, with_out, parallel):
+    with cpu_build(parallel):
+        _check_softmax_case(kind, case, func, axis, with_out)
+
+
+def _check_softmax_case(kind, case, func, axis, with_out):
     x, dtype, _ = case
-    axis = data.draw(st.integers(-x.ndim, x.ndim - 1))
+    axis = axis % x.ndim  # any axis of this array
     xk = _to(kind, x)
     if func == "logsumexp":
         got = kind.back(gpuce.logsumexp(xk, axis=axis))
@@ -194,7 +254,7 @@ def test_fuzz_softmax_family(kind, case, func, data):
         assert_loss_close(got, ref, dtype, "logsumexp")
         return
     out = None
-    if data.draw(st.booleans()):
+    if with_out:
         out = _to(kind, poison(x.shape, dtype))
     res = getattr(gpuce, func)(xk, axis=axis, out=out)
     if out is not None:
@@ -225,5 +285,7 @@ def test_fuzz_out_of_range_targets_raise(kind, case, data):
         bad = n_cls + 1
     t.reshape(-1)[rng.integers(t.size)] = bad
     func = data.draw(st.sampled_from([gpuce.cross_entropy, gpuce.cross_entropy_with_grad]))
+    # the CPU checks targets whatever validate says; a device only when asked (a host sync)
+    validate = True if kind.device else data.draw(st.sampled_from([None, True, False]))
     with pytest.raises(ValueError, match="target"):
-        func(_to(kind, x), _to(kind, t), ignore_index=ii, validate=True if kind.device else None)
+        func(_to(kind, x), _to(kind, t), ignore_index=ii, validate=validate)
