@@ -224,7 +224,8 @@ def fresh(kind, a):
 # ---- cross entropy against the reference ------------------------------------------------
 
 def ce_grad_row_scale(x, target, reduction="mean", weight=None, ignore_index=-100,
-                      label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=None):
+                      label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=None,
+                      class_mask=None):
     """Per row (keepdims), a bound on the terms a cross-entropy gradient row is computed
     from: |go| * (a_ce * max(w) + a_z * 2 z |lse|), a_ce and a_z the mean's divisors; 0 for
     ignored rows and rows of -inf logits, whose gradient must be exactly zero."""
@@ -247,7 +248,8 @@ def ce_grad_row_scale(x, target, reduction="mean", weight=None, ignore_index=-10
         a_ce = a_z = 1.0
     go = np.ones(rows) if grad_output is None else np.broadcast_to(as_f64(grad_output), rows)
     with np.errstate(invalid="ignore"):
-        lse = np.abs(ref_logsumexp(x if softcap is None else softcap * np.tanh(x / softcap)))
+        lse = np.abs(ref_logsumexp(x if softcap is None else softcap * np.tanh(x / softcap),
+                                   class_mask=class_mask))
     masked = np.isposinf(lse)  # all -inf: a zero gradient row, exactly
     lse = np.where(np.isfinite(lse), lse, 0.0)
     scale = np.abs(go) * (a_ce * np.max(np.abs(w)) + a_z * 2 * z_loss * lse)

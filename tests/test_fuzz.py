@@ -173,6 +173,9 @@ def ce_cases(draw):
         ii = draw(st.sampled_from([-100, -1, 0, n_cls - 1]))
         kw["ignore_index"] = ii
         t = _hard_target(draw, rng, x, ii)
+    if n_cls and draw(st.booleans()):
+        kw["class_mask"], t = _class_mask(rng, x.shape, t, kw.get("ignore_index"),
+                                          per_row=draw(st.booleans()))
     if draw(st.booleans()):  # the CPU checks targets whatever validate says
         kw["validate"] = draw(st.sampled_from([True, False]))
     with_grad = draw(st.booleans())
@@ -182,6 +185,27 @@ def ce_cases(draw):
         kw["grad_output"] = (rng.uniform(-2, 2, rows).astype(np.float32)
                              if kw["reduction"] == "none" else float(rng.uniform(-2, 2)))
     return x, dtype, t, kw, with_grad, where
+
+
+def _class_mask(rng, shape, t, ignore_index, per_row):
+    """A valid class mask, (C,) or per row, and the target it fits: every row keeps a class,
+    a hard target's class is kept, a soft target's masked classes get probability 0 (the row
+    renormalised, or one-hot on a kept class if nothing was left)."""
+    n_cls = shape[-1]
+    mask = rng.random(shape if per_row else (n_cls,)) < 0.6
+    rows = mask.reshape(-1, n_cls) if per_row else mask[None]
+    rows[~rows.any(axis=1), 0] = True
+    if ignore_index is None:  # probabilities
+        q = np.where(np.broadcast_to(mask, shape), t.astype(np.float64), 0.0).reshape(-1, n_cls)
+        live = np.broadcast_to(rows, q.shape)
+        empty = q.sum(axis=1) == 0
+        q[empty] = 0.0
+        q[empty, np.argmax(live[empty], axis=1)] = 1.0
+        return mask, (q / q.sum(axis=1, keepdims=True)).reshape(shape).astype(t.dtype)
+    flat = t.reshape(-1).astype(np.int64)
+    kept = flat != ignore_index
+    rows[np.flatnonzero(kept) if per_row else 0, flat[kept]] = True
+    return mask, t
 
 
 # Found by this fuzz run (CPU kernels): a zero factor on a -inf target logit, (1-eps) w[y]
