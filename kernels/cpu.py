@@ -1,4 +1,5 @@
-"""CPU kernels: @njit(parallel=True) over blocks of rows, one specialisation per storage dtype.
+"""CPU kernels over blocks of rows, one specialisation per storage dtype; serial and parallel
+builds run the same compiled task code (see cpu_tasks).
 
 Each row is read from memory once. Per row: the max (an integer max over order keys of
 the raw words, which vectorises), then e = exp(z - max) written to an fp32/fp64 buffer
@@ -16,10 +17,11 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from . import cpu_math as cm
-from .cpu_cache import PARALLEL_ON_DISK, cached
+from .cpu_cache import cached
+from .cpu_tasks import drivers
 
 SMALL_C = 64          # below this, exp runs flat over a block of rows
 BLOCK_ELEMS = 16384   # elements per block (one task): the e buffer stays in L2
@@ -44,23 +46,37 @@ def launch_shape(n_rows, n_cls, n_threads):
     return per_block, max(1, min(n_blocks, 4 * n_threads))
 
 
-@lru_cache(maxsize=None)
 def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
-    ``parallel=False`` gives the same kernels compiled serially (prange runs as range).
+    Each takes the kernel's arguments, then ``per_block, n_tasks`` (see launch_shape).
 
     ``target_dtype_name`` is the storage dtype of soft targets (default: the logits'); they
-    are read as given, never rounded to the logits' dtype. ``parallel=False`` builds the
-    same source as plain loops, for small calls: no thread-pool launch per call.
+    are read as given, never rounded to the logits' dtype. ``parallel=False`` runs the
+    tasks one after another on the calling thread, for small calls: no thread-pool launch.
+    Both builds run the same compiled task code (see cpu_tasks), so their rows agree to
+    the bit, and both are cached on disk.
     """
+    return {name: pair[bool(parallel)]
+            for name, pair in _drivers(dtype_name, softcapped, target_dtype_name).items()}
+
+
+@lru_cache(maxsize=None)
+def _drivers(dtype_name, softcapped, target_dtype_name):
+    """{kernel name: (serial driver, parallel driver)}."""
+    variant = (f"dtype={dtype_name} softcap={softcapped} target={target_dtype_name} "
+               f"fastmath={sorted(cm.FASTMATH)}")
+    tasks = _make_tasks(dtype_name, softcapped, target_dtype_name, variant)
+    return {name: drivers(fn, f"{variant}|{name}") for name, fn in tasks.items()}
+
+
+def _make_tasks(dtype_name, softcapped, target_dtype_name, variant):
+    """The kernels as serial functions of (args..., per_block, n_tasks, t0, t1) running
+    tasks t0..t1 (a task: a contiguous share of the row blocks, see task_blocks)."""
     load, store, exp, tanh, key, unkey, acc = _TRAITS[dtype_name]
     load_q = _TRAITS[target_dtype_name or dtype_name][0]
     fm = cm.FASTMATH
     inner = njit(inline="always", fastmath=fm)
-    variant = (f"dtype={dtype_name} softcap={softcapped} target={target_dtype_name} "
-               f"parallel={parallel} fastmath={sorted(fm)}")
-    outer = cached(njit(parallel=parallel, fastmath=fm), variant,
-                   on_disk=not parallel or PARALLEL_ON_DISK)  # on disk, across processes
+    outer = cached(njit(fastmath=fm), variant)  # on disk, across processes
     NEG_INF = acc(-np.inf)
     ZERO = acc(0.0)
     ONE = acc(1.0)
@@ -147,7 +163,8 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
 
     @inner
     def task_blocks(t, n_tasks, n_rows, per_block):
-        """Blocks t of n_tasks contiguous shares of the rows; each task is one prange step."""
+        """Blocks of task t: n_tasks contiguous shares of the rows (a parallel build runs a
+        task per prange step)."""
         n_blocks = (n_rows + per_block - 1) // per_block
         return range(t * n_blocks // n_tasks, (t + 1) * n_blocks // n_tasks)
 
@@ -163,9 +180,9 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     # ---- softmax / log_softmax / logsumexp -------------------------------------
 
     @outer
-    def softmax(x, out, cap, per_block, n_tasks):
+    def softmax(x, out, cap, per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -179,9 +196,9 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
                         o[c] = store(er[c] * inv)
 
     @outer
-    def log_softmax(x, out, cap, per_block, n_tasks):
+    def log_softmax(x, out, cap, per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -195,9 +212,9 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
                         o[c] = store(logit(xr[c], cap) - lse)
 
     @outer
-    def logsumexp(x, out, cap, per_block, n_tasks):
+    def logsumexp(x, out, cap, per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -286,9 +303,9 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
 
     @outer
     def ce_hard(x, g, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, ignore_index,
-                loss_out, write_grad, per_block, n_tasks):
+                loss_out, write_grad, per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -298,11 +315,11 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
 
     @outer
     def ce_hard_inplace(x, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap,
-                        ignore_index, loss_out, per_block, n_tasks):
+                        ignore_index, loss_out, per_block, n_tasks, t0, t1):
         # x is read through the same name it is written through, so loops stay vectorised;
         # z_y and the smoothing sum are read before the row is overwritten.
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -354,9 +371,9 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
 
     @outer
     def ce_soft(x, g, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, write_grad, per_block,
-                n_tasks):
+                n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -366,9 +383,9 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
 
     @outer
     def ce_soft_inplace(x, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, per_block,
-                        n_tasks):
+                        n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)

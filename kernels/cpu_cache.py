@@ -23,7 +23,7 @@ import llvmlite
 import numba
 from numba.core import caching
 
-_SOURCES = ("cpu.py", "cpu_math.py", "cpu_cache.py", "cpu_small.py")
+_SOURCES = ("cpu.py", "cpu_math.py", "cpu_cache.py", "cpu_tasks.py", "cpu_small.py")
 ENABLED = os.environ.get("GPUCE_DISK_CACHE", "1") != "0"
 
 
@@ -85,13 +85,13 @@ class VariantCache(caching.FunctionCache):
         return (sig, codegen.magic_tuple(), (sources_hash(), self._variant))
 
 
-def attach(dispatcher, variant):
+def attach(dispatcher, variant, cache_class=VariantCache):
     """Give ``dispatcher`` the on-disk cache for ``variant`` (a string naming everything
     the factory built it from); without a usable cache location it stays uncached."""
     if not ENABLED:
         return dispatcher
     try:
-        dispatcher._cache = VariantCache(dispatcher.py_func, variant)
+        dispatcher._cache = cache_class(dispatcher.py_func, variant)
     except RuntimeError:  # numba found no writable location
         pass
     return dispatcher

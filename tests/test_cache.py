@@ -178,22 +178,39 @@ def test_cuda_warmup_calls_every_strategy_through_the_public_api(monkeypatch):
     assert all(dt == "float32" for _, _, dt in seen)
 
 
-# A large call (parallel build) and a small one (serial build), as raw bytes.
+# Large calls (parallel build) and small ones (serial build) as raw bytes, and how often the
+# parallel builds were found on disk (hits) or compiled (misses).
 _BITS_CHILD = textwrap.dedent("""
-    import sys
+    import json, sys
     import numpy as np
     import gpuce
-    x = (np.random.default_rng(0).standard_normal((160, 1000)) * 3).astype(np.float32)
-    sys.stdout.write(gpuce.softmax(x).tobytes().hex() + " " + gpuce.softmax(x[:8]).tobytes().hex())
+    from gpuce.kernels import cpu
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((160, 1000)) * 3).astype(np.float32)
+    y = rng.integers(0, 1000, 160)
+    loss, grad = gpuce.cross_entropy_with_grad(x, y, reduction="none")
+    loss8, grad8 = gpuce.cross_entropy_with_grad(x[:8], y[:8], reduction="none")
+    out = {"large": [a.tobytes().hex() for a in (gpuce.softmax(x), loss, grad)],
+           "small": [a.tobytes().hex() for a in (gpuce.softmax(x[:8]), loss8, grad8)]}
+    ks = cpu.make_kernels("float32", False, None, True)
+    for name in ("softmax", "ce_hard"):
+        st = ks[name].stats
+        out[name] = [sum(st.cache_hits.values()), sum(st.cache_misses.values())]
+    print(json.dumps(out))
 """)
 
 
 def test_results_are_bitwise_the_same_whatever_the_cache_state(tmp_path):
-    """A process that compiled the kernels and one that found them on disk give the same
+    """A process that compiled the kernels and one that loaded them from disk give the same
     bits, and the parallel (large) and serial (small) builds agree row for row."""
     env = _child_env(tmp_path)
-    runs = [subprocess.run([sys.executable, "-c", _BITS_CHILD], env=env, check=True,
-                           capture_output=True, text=True).stdout.split() for _ in range(2)]
-    assert runs[0] == runs[1]
-    large, small = (np.frombuffer(bytes.fromhex(h), np.float32) for h in runs[1])
-    assert np.array_equal(large.reshape(160, 1000)[:8], small.reshape(8, 1000))
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _BITS_CHILD], env=env, check=True,
+                                      capture_output=True, text=True).stdout) for _ in range(2)]
+    assert runs[0]["softmax"] == runs[0]["ce_hard"] == [0, 1]  # compiled here
+    assert runs[1]["softmax"] == runs[1]["ce_hard"] == [1, 0]  # loaded from disk
+    assert runs[0]["large"] == runs[1]["large"] and runs[0]["small"] == runs[1]["small"]
+    large = [np.frombuffer(bytes.fromhex(h), np.float32) for h in runs[1]["large"]]
+    small = [np.frombuffer(bytes.fromhex(h), np.float32) for h in runs[1]["small"]]
+    for a, b in zip(large, small):
+        assert np.array_equal(a[: b.size], b)  # the first 8 rows
+    assert np.isfinite(large[1]).all() and (large[1] > 0).all()
