@@ -106,9 +106,10 @@ def cached(decorator, variant, on_disk=True):
     return build
 
 
-# numba's parallel builds, loaded back from its disk cache, gave rows that differ in the last
-# bit from the same build compiled in-process (and from the serial build), seen on numba 0.68
-# here: only serial builds go on disk, so a row's bits never depend on the cache's state.
+# For factories whose parallel builds are plain prange kernels (cpu_small): such a build,
+# loaded back from disk, can differ in the last bit from the same build compiled in-process
+# (numba re-optimises the linked loop body; see cpu_tasks), so those stay in-process. The
+# kernels of cpu.py run through cpu_tasks' drivers instead, and are cached in both builds.
 PARALLEL_ON_DISK = False
 
 

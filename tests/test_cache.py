@@ -139,6 +139,14 @@ def test_warmup_plans_and_rejects_bad_arguments():
                                                   ("softmax", "cross_entropy"), softcap=True)]
     assert "float32 softmax small" in labels and "bfloat16 cross_entropy large softcap" in labels
     assert len(labels) == 2 * 2 * (1 + 2)  # dtypes x sizes x (softmax + 2 ce variants)
+    labels = [label for label, _ in _warmup.plan("cpu", ("float32", "bfloat16"),
+                                                  ("cross_entropy",), classes=(10, 32))]
+    # the short-row builds: per C, fp32/fp64 only, serial (small) only
+    assert [x for x in labels if "C=" in x] == ["float32 cross_entropy small C=10",
+                                                "float32 cross_entropy small C=32"]
+    for bad in (0, 33):
+        with pytest.raises(ValueError, match="classes"):
+            _warmup.plan("cpu", ("float32",), ("cross_entropy",), classes=(bad,))
     with pytest.raises(ValueError, match="device"):
         _warmup.plan("tpu", ("float32",), ("softmax",))
     with pytest.raises(ValueError, match="dtypes"):
