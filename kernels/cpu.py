@@ -60,13 +60,24 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
             for name, pair in _drivers(dtype_name, softcapped, target_dtype_name).items()}
 
 
+def _variant(dtype_name, softcapped, target_dtype_name):
+    return (f"dtype={dtype_name} softcap={softcapped} target={target_dtype_name} "
+            f"fastmath={sorted(cm.FASTMATH)}")
+
+
 @lru_cache(maxsize=None)
 def _drivers(dtype_name, softcapped, target_dtype_name):
     """{kernel name: (serial driver, parallel driver)}."""
-    variant = (f"dtype={dtype_name} softcap={softcapped} target={target_dtype_name} "
-               f"fastmath={sorted(cm.FASTMATH)}")
-    tasks = _make_tasks(dtype_name, softcapped, target_dtype_name, variant)
-    return {name: drivers(fn, f"{variant}|{name}") for name, fn in tasks.items()}
+    variant = _variant(dtype_name, softcapped, target_dtype_name)
+    return {name: drivers(fn, f"{variant}|{name}")
+            for name, fn in tasks(dtype_name, softcapped, target_dtype_name).items()}
+
+
+@lru_cache(maxsize=None)
+def tasks(dtype_name, softcapped, target_dtype_name):
+    """{kernel name: its serial tasks function} (see _make_tasks)."""
+    return _make_tasks(dtype_name, softcapped, target_dtype_name,
+                       _variant(dtype_name, softcapped, target_dtype_name))
 
 
 def _make_tasks(dtype_name, softcapped, target_dtype_name, variant):

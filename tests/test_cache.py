@@ -222,3 +222,30 @@ def test_results_are_bitwise_the_same_whatever_the_cache_state(tmp_path):
     for a, b in zip(large, small):
         assert np.array_equal(a[: b.size], b)  # the first 8 rows
     assert np.isfinite(large[1]).all() and (large[1] > 0).all()
+
+
+def test_task_code_calls_no_other_compiled_function():
+    """Why cache-loaded and in-process builds agree: the kernels' task code (cpu_tasks) is
+    one function with every numba helper inlined. A call left to a linked helper would run,
+    in-process, the helper's first compiled copy and, loaded from disk, the copy in the
+    cached object, which numba optimised again (different bits under fast-math)."""
+    import re
+
+    import gpuce
+    from gpuce.kernels import cpu
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 300)).astype(np.float32)
+    y = rng.integers(0, 300, 6)
+    gpuce.softmax(x)
+    gpuce.cross_entropy_with_grad(x, y, label_smoothing=0.1, z_loss=1e-3)
+    checked = 0
+    for dispatcher in cpu.tasks("float32", False, None).values():
+        for cres in dispatcher.overloads.values():
+            ir = str(cres.library._get_module_for_linking())  # compiled or loaded from disk
+            defined = set(re.findall(r'^define [^@]*@"?([^"(]+)"?\(', ir, re.M))
+            called = set(re.findall(r'call [^@]*@"?([^"(]+)"?\(', ir))
+            linked = called & defined - {cres.fndesc.llvm_func_name, "NRT_incref", "NRT_decref"}
+            assert not linked, (dispatcher.py_func.__qualname__, sorted(linked))
+            assert "NRT_decref" in called  # (the scratch buffers: the scan sees calls)
+            checked += 1
+    assert checked >= 2  # softmax and ce_hard at least
