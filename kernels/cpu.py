@@ -46,6 +46,7 @@ def launch_shape(n_rows, n_cls, n_threads):
     return per_block, max(1, min(n_blocks, 4 * n_threads))
 
 
+@lru_cache(maxsize=None)
 def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True):
     """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
     Each takes the kernel's arguments, then ``per_block, n_tasks`` (see launch_shape).
