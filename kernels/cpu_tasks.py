@@ -17,6 +17,7 @@ or loaded from disk. Rows are therefore computed by the same machine code whatev
 build, the thread count or the cache state.
 """
 import hashlib
+import inspect
 
 import llvmlite.binding as ll
 import numpy as np
@@ -45,8 +46,10 @@ def bind(tasks, name, argtys):
     return symbol
 
 
-def _caller(tasks, name):
-    """``call(args)``: ``tasks(*args)`` through its symbol, propagating its exceptions."""
+def _caller(tasks, name, propagate=True):
+    """``call(args)``: ``tasks(*args)`` through its symbol. It raises what the task raised;
+    with ``propagate=False`` it returns whether the task succeeded instead (numba drops
+    exceptions raised inside a prange body)."""
     @intrinsic
     def call(typingctx, args):
         argtys = tuple(types.unliteral(t) for t in args.types)
@@ -57,10 +60,12 @@ def _caller(tasks, name):
             fnty = context.call_conv.get_function_type(types.none, argtys)
             fn = cgutils.get_or_insert_function(builder.module, fnty, symbol)
             status, _ = context.call_conv.call_function(builder, fn, types.none, argtys, values)
+            if not propagate:
+                return status.is_ok
             with cgutils.if_unlikely(builder, status.is_error):
                 context.call_conv.return_status_propagate(builder, status)
             return context.get_dummy_value()
-        return types.none(args), codegen
+        return (types.none if propagate else types.boolean)(args), codegen
     return call
 
 
@@ -78,8 +83,7 @@ class DriverCache(VariantCache):
         data = self._cache_file.load(self._index_key(sig, target_context.codegen()))
         if data is None:
             return None
-        (packed,) = sig  # drivers take *args: one tuple
-        bind(self._task_fn, self._task_name, tuple(packed.types) + _TASK_INDEX)
+        bind(self._task_fn, self._task_name, tuple(sig) + _TASK_INDEX)
         if any(ll.address_of_symbol(s) is None for s in _called_symbols(data)):
             return None  # compile instead
         return self._impl.rebuild(target_context, data)
@@ -94,22 +98,37 @@ def _called_symbols(data):
     return [f.name for f in module.functions if f.is_declaration and f.name.startswith(_PREFIX)]
 
 
+# The drivers, for n arguments a0..a(n-1) (the last is the task count). Written out per
+# arity rather than as *args, which costs numba's dispatcher a tuple per call. A task that
+# failed in a worker is run again here, so that its exception reaches the caller.
+_DRIVERS = """
+def serial({args}):
+    call(({args}, np.int64(0), np.int64({last})))
+
+def parallel({args}):
+    ok = np.ones({last}, np.bool_)
+    for t in prange({last}):
+        ok[t] = succeeded(({args}, np.int64(t), np.int64(t) + np.int64(1)))
+    for t in range({last}):
+        if not ok[t]:
+            call(({args}, np.int64(t), np.int64(t) + np.int64(1)))
+            raise RuntimeError("a kernel task failed in a worker thread")
+"""
+
+
 def drivers(tasks, variant):
-    """(serial driver, parallel driver) of ``tasks(*args, t0, t1)``; each takes ``*args``
+    """(serial driver, parallel driver) of ``tasks(*args, t0, t1)``: each takes ``args``,
     whose last element is the task count. ``variant`` names everything ``tasks`` was built
     from (it names the symbol). Both drivers are cached on disk."""
-    call = _caller(tasks, variant)
-
-    def serial(*args):
-        call(args + (np.int64(0), np.int64(args[-1])))
-
-    def parallel(*args):
-        for t in prange(args[-1]):
-            call(args + (np.int64(t), np.int64(t) + np.int64(1)))
-
+    n_args = len(inspect.signature(tasks.py_func).parameters) - len(_TASK_INDEX)
+    names = [f"a{i}" for i in range(n_args)]
+    scope = {"call": _caller(tasks, variant), "succeeded": _caller(tasks, variant, False),
+             "np": np, "prange": prange, "__name__": __name__}
+    source = _DRIVERS.format(args=", ".join(names), last=names[-1])
+    exec(compile(source, __file__, "exec"), scope)  # (this file: numba's cache locates by it)
     built = []
-    for fn, par in ((serial, False), (parallel, True)):
-        d = njit(parallel=par)(fn)
+    for name, par in (("serial", False), ("parallel", True)):
+        d = njit(parallel=par)(scope[name])
         built.append(attach(d, f"{variant}|driver parallel={par}",
                             lambda py_func, v: DriverCache(py_func, v, tasks, variant)))
     return tuple(built)
