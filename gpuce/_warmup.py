@@ -17,7 +17,7 @@ _CUDA_ROWS = {"warp": 77, "block_cached": 150, "block": 203, "split": 257}
 
 
 def warmup(device="cpu", dtypes=DEFAULT_DTYPES, ops=DEFAULT_OPS, *, softcap=False,
-           soft_targets=False, sizes=("small", "large"), progress=False):
+           soft_targets=False, sizes=("small", "large"), classes=(), progress=False):
     """Compile ``ops`` for ``device`` in each of ``dtypes``; returns the jobs' labels.
 
     device : 'cpu' or 'cuda'.
@@ -26,9 +26,13 @@ def warmup(device="cpu", dtypes=DEFAULT_DTYPES, ops=DEFAULT_OPS, *, softcap=Fals
         gradient, which also serves the loss-only call), 'cross_entropy_inplace'.
     softcap, soft_targets : also compile the softcapped / probability-target variants.
     sizes : CPU only -- 'small' calls run a serial build, 'large' ones the parallel build.
+    classes : CPU only -- also cross entropy at these class counts C <= 32 (fp32/fp64 hard
+        targets have a build per C there, see kernels/cpu_small.py; its serial builds, the
+        ones small calls run, are kept on disk).
     progress : show a tqdm progress bar.
     """
-    jobs = plan(device, dtypes, ops, softcap=softcap, soft_targets=soft_targets, sizes=sizes)
+    jobs = plan(device, dtypes, ops, softcap=softcap, soft_targets=soft_targets, sizes=sizes,
+                classes=classes)
     if progress:
         from tqdm import tqdm
         bar = tqdm(jobs, desc=f"gpuce warmup ({device})", unit="variant")
@@ -41,7 +45,8 @@ def warmup(device="cpu", dtypes=DEFAULT_DTYPES, ops=DEFAULT_OPS, *, softcap=Fals
     return [label for label, _ in jobs]
 
 
-def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("small", "large")):
+def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("small", "large"),
+         classes=()):
     """[(label, zero-argument callable)] for the variants ``warmup`` compiles."""
     if device not in DEVICES:
         raise ValueError(f"device: {device!r} is not one of {DEVICES}")
@@ -58,6 +63,11 @@ def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("smal
     bad = [s for s in sizes if s not in ("small", "large")]
     if bad:
         raise ValueError(f"sizes: {bad[0]!r} is not 'small' or 'large'")
+    from ._cpu import _SMALL_MAX_C
+    bad = [c for c in classes if not (isinstance(c, int) and 1 <= c <= _SMALL_MAX_C)]
+    if bad or (classes and device != "cpu"):
+        raise ValueError(f"classes: {bad[0] if bad else classes!r} is not a CPU class count "
+                         f"in 1..{_SMALL_MAX_C}")
     caps = (None, 30.0) if softcap else (None,)
     targets = ("hard", "soft") if soft_targets else ("hard",)
     if device == "cpu":
@@ -80,6 +90,13 @@ def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("smal
                             (" soft" if tgt == "soft" else "")
                         jobs.append((label, _job(device, op, dt, shape, cap, tgt, strategy,
                                                  to_device)))
+    # the short-row builds (hard targets, fp32/fp64: see _cpu._small_ok); their parallel
+    # builds are not kept on disk, so compiling them here would not outlive this process
+    short = "cross_entropy" in ops and "small" in sizes
+    for dt in dtypes if short else ():
+        for c in classes if dt in ("float32", "float64") else ():
+            jobs.append((f"{dt} cross_entropy small C={c}",
+                         _job(device, "cross_entropy", dt, (4, c), None, "hard", None, to_device)))
     return jobs
 
 
@@ -145,12 +162,16 @@ def main(argv=None):
     p.add_argument("--soft-targets", action="store_true", help="also probability targets")
     p.add_argument("--sizes", default="small,large",
                    help="CPU: small (serial build), large (parallel build)")
+    p.add_argument("--classes", default="",
+                   help="CPU: also the short-row cross entropy (small calls) at these "
+                        "class counts <= 32, e.g. 10,32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     split = lambda s: tuple(v for v in s.split(",") if v)  # noqa: E731
     try:
         labels = warmup(args.device, split(args.dtypes), split(args.ops), softcap=args.softcap,
                         soft_targets=args.soft_targets, sizes=split(args.sizes),
+                        classes=tuple(int(c) for c in split(args.classes)),
                         progress=not args.quiet)
     except ValueError as e:
         p.error(str(e))

@@ -1,4 +1,5 @@
-"""CPU kernels: @njit(parallel=True) over blocks of rows, one specialisation per storage dtype.
+"""CPU kernels over blocks of rows, one specialisation per storage dtype; serial and parallel
+builds run the same compiled task code (see cpu_tasks).
 
 Each row is read from memory once. Per row: the max (an integer max over order keys of
 the raw words, which vectorises), then e = exp(z - max) written to an fp32/fp64 buffer
@@ -23,10 +24,11 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from . import cpu_math as cm
-from .cpu_cache import PARALLEL_ON_DISK, cached
+from .cpu_cache import cached
+from .cpu_tasks import drivers
 
 SMALL_C = 64          # below this, exp runs flat over a block of rows
 BLOCK_ELEMS = 16384   # elements per block (one task): the e buffer stays in L2
@@ -52,29 +54,50 @@ def launch_shape(n_rows, n_cls, n_threads):
 
 
 def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True, masked=False):
-    """The kernel set of one variant (built once: see _make_kernels)."""
-    return _make_kernels(dtype_name, bool(softcapped), target_dtype_name, bool(parallel),
-                         bool(masked))
+    """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
+    Each takes the kernel's arguments, then ``mask, mask_step, per_block, n_tasks`` (see
+    launch_shape).
+
+    ``target_dtype_name`` is the storage dtype of soft targets (default: the logits'); they
+    are read as given, never rounded to the logits' dtype. ``parallel=False`` runs the
+    tasks one after another on the calling thread, for small calls: no thread-pool launch.
+    Both builds run the same compiled task code (see cpu_tasks), so their rows agree to
+    the bit, and both are cached on disk. ``masked`` builds the class-mask variant (see the
+    module docstring).
+    """
+    pairs = _drivers(dtype_name, bool(softcapped), target_dtype_name, bool(masked))
+    return {name: pair[bool(parallel)] for name, pair in pairs.items()}
+
+
+def _variant(dtype_name, softcapped, target_dtype_name, masked):
+    return (f"dtype={dtype_name} softcap={softcapped} target={target_dtype_name} "
+            f"fastmath={sorted(cm.FASTMATH)}" + (" masked" if masked else ""))
 
 
 @lru_cache(maxsize=None)
-def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
-    """Kernels for one storage dtype; ``softcapped`` compiles the s*tanh(x/s) transform in.
-    ``parallel=False`` gives the same kernels compiled serially (prange runs as range).
+def _drivers(dtype_name, softcapped, target_dtype_name, masked):
+    """{kernel name: (serial driver, parallel driver)}."""
+    variant = _variant(dtype_name, softcapped, target_dtype_name, masked)
+    return {name: drivers(fn, f"{variant}|{name}")
+            for name, fn in tasks(dtype_name, softcapped, target_dtype_name, masked).items()}
 
-    ``target_dtype_name`` is the storage dtype of soft targets (default: the logits'); they
-    are read as given, never rounded to the logits' dtype. ``parallel=False`` builds the
-    same source as plain loops, for small calls: no thread-pool launch per call.
-    ``masked`` builds the class-mask variant (see the module docstring).
-    """
+
+@lru_cache(maxsize=None)
+def tasks(dtype_name, softcapped, target_dtype_name, masked=False):
+    """{kernel name: its serial tasks function} (see _make_tasks)."""
+    return _make_tasks(dtype_name, softcapped, target_dtype_name, masked,
+                       _variant(dtype_name, softcapped, target_dtype_name, masked))
+
+
+def _make_tasks(dtype_name, softcapped, target_dtype_name, masked, variant):
+    """The kernels as serial functions of (args..., mask, mask_step, per_block, n_tasks, t0,
+    t1) running tasks t0..t1 (a task: a contiguous share of the row blocks, see
+    task_blocks)."""
     load, store, exp, tanh, key, unkey, acc = _TRAITS[dtype_name]
     load_q = _TRAITS[target_dtype_name or dtype_name][0]
     fm = cm.FASTMATH
     inner = njit(inline="always", fastmath=fm)
-    variant = (f"dtype={dtype_name} softcap={softcapped} target={target_dtype_name} "
-               f"parallel={parallel} fastmath={sorted(fm)}" + (" masked" if masked else ""))
-    outer = cached(njit(parallel=parallel, fastmath=fm), variant,
-                   on_disk=not parallel or PARALLEL_ON_DISK)  # on disk, across processes
+    outer = cached(njit(fastmath=fm), variant)  # on disk, across processes
     NEG_INF = acc(-np.inf)
     NEG_INF_RAW = _NEG_INF_RAW[dtype_name]  # -inf as stored: the masked classes' max key
     ZERO = acc(0.0)
@@ -185,7 +208,8 @@ def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
 
     @inner
     def task_blocks(t, n_tasks, n_rows, per_block):
-        """Blocks t of n_tasks contiguous shares of the rows; each task is one prange step."""
+        """Blocks of task t: n_tasks contiguous shares of the rows (a parallel build runs a
+        task per prange step)."""
         n_blocks = (n_rows + per_block - 1) // per_block
         return range(t * n_blocks // n_tasks, (t + 1) * n_blocks // n_tasks)
 
@@ -201,9 +225,9 @@ def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
     # ---- softmax / log_softmax / logsumexp -------------------------------------
 
     @outer
-    def softmax(x, out, cap, mask, mask_step, per_block, n_tasks):
+    def softmax(x, out, cap, mask, mask_step, per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -217,9 +241,9 @@ def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
                         o[c] = store(er[c] * inv)
 
     @outer
-    def log_softmax(x, out, cap, mask, mask_step, per_block, n_tasks):
+    def log_softmax(x, out, cap, mask, mask_step, per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -235,9 +259,9 @@ def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
                         o[c] = store(v if is_live(mk, c) else NEG_INF)
 
     @outer
-    def logsumexp(x, out, cap, mask, mask_step, per_block, n_tasks):
+    def logsumexp(x, out, cap, mask, mask_step, per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -343,9 +367,9 @@ def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
 
     @outer
     def ce_hard(x, g, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap, ignore_index,
-                loss_out, write_grad, mask, mask_step, per_block, n_tasks):
+                loss_out, write_grad, mask, mask_step, per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -355,11 +379,11 @@ def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
 
     @outer
     def ce_hard_inplace(x, tgt, w, w_sum, go, go_step, inv_ce, inv_z, eps, zl, cap,
-                        ignore_index, loss_out, mask, mask_step, per_block, n_tasks):
+                        ignore_index, loss_out, mask, mask_step, per_block, n_tasks, t0, t1):
         # x is read through the same name it is written through, so loops stay vectorised;
         # z_y and the smoothing sum are read before the row is overwritten.
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -414,9 +438,9 @@ def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
 
     @outer
     def ce_soft(x, g, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, write_grad, mask,
-                mask_step, per_block, n_tasks):
+                mask_step, per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -426,9 +450,9 @@ def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
 
     @outer
     def ce_soft_inplace(x, q, w, go, go_step, inv_den, eps, zl, cap, loss_out, mask, mask_step,
-                        per_block, n_tasks):
+                        per_block, n_tasks, t0, t1):
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch, m, s = new_scratch(per_block, n_cls)
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
@@ -439,10 +463,11 @@ def _make_kernels(dtype_name, softcapped, target_dtype_name, parallel, masked):
     # ---- accumulation (chunked linear CE: a half-precision partial into an fp32 sum) ----
 
     @outer
-    def add_into(x, total, per_block, n_tasks):
-        """total += x, each element widened to the accumulation dtype on the fly."""
+    def add_into(x, total, mask, mask_step, per_block, n_tasks, t0, t1):
+        """total += x, each element widened to the accumulation dtype on the fly (no mask:
+        the stand-in is never read)."""
         n_rows, n_cls = x.shape
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             for b in task_blocks(t, n_tasks, n_rows, per_block):
                 r0, r1 = block_bounds(b, n_rows, per_block)
                 for r in range(r0, r1):

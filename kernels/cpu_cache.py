@@ -23,7 +23,7 @@ import llvmlite
 import numba
 from numba.core import caching
 
-_SOURCES = ("cpu.py", "cpu_math.py", "cpu_cache.py", "cpu_small.py")
+_SOURCES = ("cpu.py", "cpu_math.py", "cpu_cache.py", "cpu_tasks.py", "cpu_small.py")
 ENABLED = os.environ.get("GPUCE_DISK_CACHE", "1") != "0"
 
 
@@ -85,13 +85,13 @@ class VariantCache(caching.FunctionCache):
         return (sig, codegen.magic_tuple(), (sources_hash(), self._variant))
 
 
-def attach(dispatcher, variant):
+def attach(dispatcher, variant, cache_class=VariantCache):
     """Give ``dispatcher`` the on-disk cache for ``variant`` (a string naming everything
     the factory built it from); without a usable cache location it stays uncached."""
     if not ENABLED:
         return dispatcher
     try:
-        dispatcher._cache = VariantCache(dispatcher.py_func, variant)
+        dispatcher._cache = cache_class(dispatcher.py_func, variant)
     except RuntimeError:  # numba found no writable location
         pass
     return dispatcher
@@ -106,9 +106,10 @@ def cached(decorator, variant, on_disk=True):
     return build
 
 
-# numba's parallel builds, loaded back from its disk cache, gave rows that differ in the last
-# bit from the same build compiled in-process (and from the serial build), seen on numba 0.68
-# here: only serial builds go on disk, so a row's bits never depend on the cache's state.
+# For factories whose parallel builds are plain prange kernels (cpu_small): such a build,
+# loaded back from disk, can differ in the last bit from the same build compiled in-process
+# (numba re-optimises the linked loop body; see cpu_tasks), so those stay in-process. The
+# kernels of cpu.py run through cpu_tasks' drivers instead, and are cached in both builds.
 PARALLEL_ON_DISK = False
 
 

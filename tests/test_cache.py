@@ -139,6 +139,14 @@ def test_warmup_plans_and_rejects_bad_arguments():
                                                   ("softmax", "cross_entropy"), softcap=True)]
     assert "float32 softmax small" in labels and "bfloat16 cross_entropy large softcap" in labels
     assert len(labels) == 2 * 2 * (1 + 2)  # dtypes x sizes x (softmax + 2 ce variants)
+    labels = [label for label, _ in _warmup.plan("cpu", ("float32", "bfloat16"),
+                                                  ("cross_entropy",), classes=(10, 32))]
+    # the short-row builds: per C, fp32/fp64 only, serial (small) only
+    assert [x for x in labels if "C=" in x] == ["float32 cross_entropy small C=10",
+                                                "float32 cross_entropy small C=32"]
+    for bad in (0, 33):
+        with pytest.raises(ValueError, match="classes"):
+            _warmup.plan("cpu", ("float32",), ("cross_entropy",), classes=(bad,))
     with pytest.raises(ValueError, match="device"):
         _warmup.plan("tpu", ("float32",), ("softmax",))
     with pytest.raises(ValueError, match="dtypes"):
@@ -178,22 +186,66 @@ def test_cuda_warmup_calls_every_strategy_through_the_public_api(monkeypatch):
     assert all(dt == "float32" for _, _, dt in seen)
 
 
-# A large call (parallel build) and a small one (serial build), as raw bytes.
+# Large calls (parallel build) and small ones (serial build) as raw bytes, and how often the
+# parallel builds were found on disk (hits) or compiled (misses).
 _BITS_CHILD = textwrap.dedent("""
-    import sys
+    import json, sys
     import numpy as np
     import gpuce
-    x = (np.random.default_rng(0).standard_normal((160, 1000)) * 3).astype(np.float32)
-    sys.stdout.write(gpuce.softmax(x).tobytes().hex() + " " + gpuce.softmax(x[:8]).tobytes().hex())
+    from gpuce.kernels import cpu
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((160, 1000)) * 3).astype(np.float32)
+    y = rng.integers(0, 1000, 160)
+    loss, grad = gpuce.cross_entropy_with_grad(x, y, reduction="none")
+    loss8, grad8 = gpuce.cross_entropy_with_grad(x[:8], y[:8], reduction="none")
+    out = {"large": [a.tobytes().hex() for a in (gpuce.softmax(x), loss, grad)],
+           "small": [a.tobytes().hex() for a in (gpuce.softmax(x[:8]), loss8, grad8)]}
+    ks = cpu.make_kernels("float32", False, None, True)
+    for name in ("softmax", "ce_hard"):
+        st = ks[name].stats
+        out[name] = [sum(st.cache_hits.values()), sum(st.cache_misses.values())]
+    print(json.dumps(out))
 """)
 
 
 def test_results_are_bitwise_the_same_whatever_the_cache_state(tmp_path):
-    """A process that compiled the kernels and one that found them on disk give the same
+    """A process that compiled the kernels and one that loaded them from disk give the same
     bits, and the parallel (large) and serial (small) builds agree row for row."""
     env = _child_env(tmp_path)
-    runs = [subprocess.run([sys.executable, "-c", _BITS_CHILD], env=env, check=True,
-                           capture_output=True, text=True).stdout.split() for _ in range(2)]
-    assert runs[0] == runs[1]
-    large, small = (np.frombuffer(bytes.fromhex(h), np.float32) for h in runs[1])
-    assert np.array_equal(large.reshape(160, 1000)[:8], small.reshape(8, 1000))
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _BITS_CHILD], env=env, check=True,
+                                      capture_output=True, text=True).stdout) for _ in range(2)]
+    assert runs[0]["softmax"] == runs[0]["ce_hard"] == [0, 1]  # compiled here
+    assert runs[1]["softmax"] == runs[1]["ce_hard"] == [1, 0]  # loaded from disk
+    assert runs[0]["large"] == runs[1]["large"] and runs[0]["small"] == runs[1]["small"]
+    large = [np.frombuffer(bytes.fromhex(h), np.float32) for h in runs[1]["large"]]
+    small = [np.frombuffer(bytes.fromhex(h), np.float32) for h in runs[1]["small"]]
+    for a, b in zip(large, small):
+        assert np.array_equal(a[: b.size], b)  # the first 8 rows
+    assert np.isfinite(large[1]).all() and (large[1] > 0).all()
+
+
+def test_task_code_calls_no_other_compiled_function():
+    """Why cache-loaded and in-process builds agree: the kernels' task code (cpu_tasks) is
+    one function with every numba helper inlined. A call left to a linked helper would run,
+    in-process, the helper's first compiled copy and, loaded from disk, the copy in the
+    cached object, which numba optimised again (different bits under fast-math)."""
+    import re
+
+    import gpuce
+    from gpuce.kernels import cpu
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 300)).astype(np.float32)
+    y = rng.integers(0, 300, 6)
+    gpuce.softmax(x)
+    gpuce.cross_entropy_with_grad(x, y, label_smoothing=0.1, z_loss=1e-3)
+    checked = 0
+    for dispatcher in cpu.tasks("float32", False, None).values():
+        for cres in dispatcher.overloads.values():
+            ir = str(cres.library._get_module_for_linking())  # compiled or loaded from disk
+            defined = set(re.findall(r'^define [^@]*@"?([^"(]+)"?\(', ir, re.M))
+            called = set(re.findall(r'call [^@]*@"?([^"(]+)"?\(', ir))
+            linked = called & defined - {cres.fndesc.llvm_func_name, "NRT_incref", "NRT_decref"}
+            assert not linked, (dispatcher.py_func.__qualname__, sorted(linked))
+            assert "NRT_decref" in called  # (the scratch buffers: the scan sees calls)
+            checked += 1
+    assert checked >= 2  # softmax and ce_hard at least
