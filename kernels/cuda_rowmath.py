@@ -18,7 +18,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import cuda, types
+from numba import types
 
 from .cuda_dtypes import device, namespace, traits
 

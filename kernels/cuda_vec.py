@@ -18,7 +18,7 @@ Under Numba's simulator the intrinsics are numpy functions with the same results
 from functools import lru_cache
 
 import numpy as np
-from numba import cuda, types
+from numba import types
 
 from .cuda_dtypes import SIMULATOR, device, traits
 
