@@ -63,11 +63,11 @@ def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("smal
     bad = [s for s in sizes if s not in ("small", "large")]
     if bad:
         raise ValueError(f"sizes: {bad[0]!r} is not 'small' or 'large'")
-    from ._cpu import _SMALL_MAX_C
-    bad = [c for c in classes if not (isinstance(c, int) and 1 <= c <= _SMALL_MAX_C)]
+    from ._cpu import SMALL_MAX_C
+    bad = [c for c in classes if not (isinstance(c, int) and 1 <= c <= SMALL_MAX_C)]
     if bad or (classes and device != "cpu"):
         raise ValueError(f"classes: {bad[0] if bad else classes!r} is not a CPU class count "
-                         f"in 1..{_SMALL_MAX_C}")
+                         f"in 1..{SMALL_MAX_C}")
     caps = (None, 30.0) if softcap else (None,)
     targets = ("hard", "soft") if soft_targets else ("hard",)
     if device == "cpu":
