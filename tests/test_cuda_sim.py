@@ -592,6 +592,36 @@ def test_simulated_shuffles():
         assert list(got[i]) == [at(lane ^ 3), at(lane + 4), at(lane - 1), at(5)], i
 
 
+def test_shared_arrays_shared_by_the_whole_block(monkeypatch):
+    """Every thread of a block gets the same cuda.shared.array even when a thread switch hits
+    its first allocation (upstream's lookup-then-store was not atomic: a thread kept a private
+    array now and then, and a reduction's partial or a flag went missing, e.g. a mean loss a
+    few % off). A slow np.empty makes that switch certain."""
+    import time
+    real_empty = np.empty
+
+    def slow_empty(*args, **kwargs):
+        time.sleep(1e-3)
+        return real_empty(*args, **kwargs)
+
+    @cuda.jit
+    def kernel(out):
+        buf = cuda.shared.array(64, np.int64)
+        i = cuda.threadIdx.x
+        buf[i] = i + 1
+        cuda.syncthreads()
+        t = 0
+        for j in range(64):
+            t += buf[j]
+        out[i] = t
+
+    out = cuda.to_device(np.zeros(64, np.int64))
+    monkeypatch.setattr(np, "empty", slow_empty)
+    kernel[1, 64](out)
+    monkeypatch.undo()
+    assert list(out.copy_to_host()) == [64 * 65 // 2] * 64
+
+
 def test_block_reductions():
     """The shared reduction module across 3 warps (blocks are whole warps: a full-mask shuffle
     needs every lane), with -inf values and threads that hold nothing."""
