@@ -10,11 +10,21 @@ barrier: it needs no polling by the block manager, so it is much faster, and it 
 what a full-mask shuffle asks on a GPU -- every lane of the warp reaches it. A warp whose
 lanes do not all arrive raises RuntimeError after a timeout instead of hanging.
 
+Also a fix: the simulator's ``cuda.shared.array`` looks its array up by source line and,
+on a miss, creates and stores it -- not atomically. A thread switch between the lookup and
+the store (likelier with a short ``sys.setswitchinterval``) let two threads of a block create
+their own arrays, so one thread wrote a reduction's partial or a flag nobody else saw: a
+wrong total now and then (e.g. a mean loss a few % off), or a simulated warp that never meets.
+``install()`` serialises it with a lock.
+
 ``install()`` is idempotent and is called by gpuce when the simulator is on, so users
-debugging their own kernels get the shuffles too.
+debugging their own kernels get the shuffles (and the shared-array fix) too.
 """
 import math
+import sys
 import threading
+
+import numpy as np
 
 WARP = 32
 TIMEOUT_S = 120.0
@@ -76,9 +86,35 @@ def syncwarp(self, mask=0xFFFFFFFF):
     _warp_barrier(threading.current_thread())
 
 
+def _shared_array(self, shape, dtype, alignment=None):
+    """FakeCUDAShared.array with the lookup and the store under one lock. Static arrays are
+    keyed, as upstream, by the caller's file and line; dynamic ones (shape 0) go upstream."""
+    if shape == 0 or alignment is not None:
+        return _upstream_shared_array(self, shape, dtype, alignment)
+    from numba.cuda.simulator.kernelapi import numpy_support, types  # (what upstream uses)
+    if isinstance(dtype, types.Type):
+        dtype = numpy_support.as_dtype(dtype)
+    caller = sys._getframe(1)
+    key = (caller.f_code.co_filename, caller.f_lineno)
+    with _lock:
+        res = self._allocations.get(key)
+        if res is None:
+            res = self._allocations[key] = np.empty(shape, dtype)
+    return res
+
+
+_upstream_shared_array = None
+
+
 def install():
-    """Add the shuffles to the simulator's fake ``cuda`` module (no-op if present)."""
-    from numba.cuda.simulator.kernelapi import FakeCUDAModule
+    """Add the shuffles to the simulator's fake ``cuda`` module (no-op if present) and make
+    its shared-array allocation atomic."""
+    global _upstream_shared_array
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule, FakeCUDAShared
+    with _lock:
+        if FakeCUDAShared.array is not _shared_array:
+            _upstream_shared_array = FakeCUDAShared.array
+            FakeCUDAShared.array = _shared_array
     for name, fn in (("shfl_sync", shfl_sync), ("shfl_up_sync", shfl_up_sync),
                      ("shfl_down_sync", shfl_down_sync), ("shfl_xor_sync", shfl_xor_sync),
                      ("syncwarp", syncwarp)):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from numba import cuda  # a module global: the simulator swaps it inside kernels
 
+from helpers import rng_for
 from kinds import BF16, DTYPES, SIMULATOR, available_kinds
 from reference import ref_cross_entropy, ref_log_softmax, ref_logsumexp, ref_softmax
 
@@ -169,7 +170,7 @@ def build_case(rng, n_rows, n_cls, dt, opt):
 @pytest.mark.parametrize("case", CASES)
 def test_cross_entropy_options(case, opt):
     strategy, n_cls = STRATEGY_CASES[case]
-    rng = np.random.default_rng(abs(hash((case, opt))) % 2**32)
+    rng = rng_for(case, opt)
     x, t, kw = build_case(rng, 3, n_cls, "float32", OPTIONS[opt])
     loss, grad = run_ce(x, t, strategy, **kw)
     ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
@@ -183,7 +184,7 @@ def test_cross_entropy_options(case, opt):
 @pytest.mark.parametrize("case", CASES)
 def test_cross_entropy_dtypes(case, dt):
     strategy, n_cls = STRATEGY_CASES[case]
-    rng = np.random.default_rng(abs(hash((case, dt))) % 2**32)
+    rng = rng_for(case, dt)
     x, t, kw = build_case(rng, 3, n_cls, dt, OPTIONS["all_hard_mean"])
     loss, grad = run_ce(x, t, strategy, **kw)
     assert grad.dtype == DTYPES[dt]
@@ -213,7 +214,7 @@ def test_vectorized_variants(case, dt, monkeypatch):
         launched.append(name)
         return real(name, *args)
     monkeypatch.setattr(_cuda, "_launch", recording)
-    rng = np.random.default_rng(abs(hash((case, dt, "vec"))) % 2**32)
+    rng = rng_for(case, dt, "vec")
     opt = dict(OPTIONS["all_hard_mean"])
     x, t, kw = build_case(rng, 3, n_cls, dt, opt)
     ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
@@ -293,7 +294,7 @@ def test_half_rounding_is_exact(dt):
 @pytest.mark.parametrize("case", CASES)
 def test_softmax_family(case, dt):
     strategy, n_cls = STRATEGY_CASES[case]
-    rng = np.random.default_rng(abs(hash((case, dt, "sm"))) % 2**32)
+    rng = rng_for(case, dt, "sm")
     x = make_logits(rng, (3, n_cls), dt)
     x[1, : n_cls // 2] = -np.inf  # a masked half row (whole chunks and lanes of -inf)
     xd = KIND.to(x)
@@ -589,6 +590,36 @@ def test_simulated_shuffles():
         def at(src):
             return (base + src) * 10 if 0 <= src < width else i * 10
         assert list(got[i]) == [at(lane ^ 3), at(lane + 4), at(lane - 1), at(5)], i
+
+
+def test_shared_arrays_shared_by_the_whole_block(monkeypatch):
+    """Every thread of a block gets the same cuda.shared.array even when a thread switch hits
+    its first allocation (upstream's lookup-then-store was not atomic: a thread kept a private
+    array now and then, and a reduction's partial or a flag went missing, e.g. a mean loss a
+    few % off). A slow np.empty makes that switch certain."""
+    import time
+    real_empty = np.empty
+
+    def slow_empty(*args, **kwargs):
+        time.sleep(1e-3)
+        return real_empty(*args, **kwargs)
+
+    @cuda.jit
+    def kernel(out):
+        buf = cuda.shared.array(64, np.int64)
+        i = cuda.threadIdx.x
+        buf[i] = i + 1
+        cuda.syncthreads()
+        t = 0
+        for j in range(64):
+            t += buf[j]
+        out[i] = t
+
+    out = cuda.to_device(np.zeros(64, np.int64))
+    monkeypatch.setattr(np, "empty", slow_empty)
+    kernel[1, 64](out)
+    monkeypatch.undo()
+    assert list(out.copy_to_host()) == [64 * 65 // 2] * 64
 
 
 def test_block_reductions():

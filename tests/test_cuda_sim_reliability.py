@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import rng_for
 from kinds import SIMULATOR, available_kinds
 from reference import ref_cross_entropy, ref_log_softmax, ref_softmax
 
@@ -53,7 +54,7 @@ SOFTCAP_OPTIONS = {
 @pytest.mark.parametrize("strategy", STRATEGY_C)
 def test_softcap_fp32_accuracy(strategy, option):
     c = STRATEGY_C[strategy]
-    rng = np.random.default_rng(abs(hash(("softcap", strategy, option))) % 2**32)
+    rng = rng_for("softcap", strategy, option)
     x = (rng.standard_normal((3, c)) * 10).astype(np.float32)
     t = rng.integers(0, c, 3)
     kw = dict(SOFTCAP_OPTIONS[option])
@@ -88,7 +89,7 @@ def test_bitwise_across_runs_and_batches(strategy, soft):
     batch of 5, of 3 (rows removed) and permuted (a fixed strategy; see the README for
     where the automatic choice or the split count depends on N)."""
     c = STRATEGY_C[strategy]
-    rng = np.random.default_rng(abs(hash(("bits", strategy, soft))) % 2**32)
+    rng = rng_for("bits", strategy, soft)
     x, t, kw = _case(rng, 5, c, soft)
     loss, grad = _ce(x, t, strategy, **kw)
     loss2, grad2 = _ce(x, t, strategy, **kw)
@@ -102,7 +103,7 @@ def test_bitwise_across_runs_and_batches(strategy, soft):
 @pytest.mark.parametrize("strategy", STRATEGY_C)
 def test_softmax_bitwise_across_batches(strategy):
     c = STRATEGY_C[strategy]
-    rng = np.random.default_rng(abs(hash(("softmax", strategy))) % 2**32)
+    rng = rng_for("softmax", strategy)
     x = (rng.standard_normal((4, c)) * 4).astype(np.float32)
     with _cuda.force_strategy(strategy):
         full = KIND.back(gpuce.softmax(KIND.to(x)))
@@ -129,7 +130,7 @@ def test_class_mask(strategy):
     loss and a zero gradient, as a bad target does), a shared (C,) mask with soft targets (a
     row with probability on a masked class: the same), and log_softmax (-inf where masked)."""
     c = STRATEGY_C[strategy]
-    rng = np.random.default_rng(abs(hash(("mask", strategy))) % 2**32)
+    rng = rng_for("mask", strategy)
     x = (rng.standard_normal((3, c)) * 4).astype(np.float32)
     mask = _mask(rng, (3, c))
     x[~mask] = np.nan  # masked logits are never read into a sum

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cuda_kinds import gpu_available, gpu_kinds
+from helpers import rng_for
 from kinds import BF16, DTYPES, SIMULATOR
 from reference import ref_cross_entropy, ref_log_softmax, ref_logsumexp, ref_softmax
 from test_cuda_sim import check_array, check_loss, rounded, soft_targets
@@ -57,7 +58,7 @@ def _case(rng, n, c, dt):
 def test_strategies_at_real_sizes(case, dt):
     strategy, n, c = SIZES[case]
     kind = _kind("torch-cuda" if dt == "bfloat16" else "cupy")
-    rng = np.random.default_rng(abs(hash((case, dt))) % 2**32)
+    rng = rng_for(case, dt)
     x, t, w = _case(rng, n, c, dt)
     kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-3, reduction="mean")
     xd = kind.to(x)
