@@ -82,9 +82,13 @@ def _drivers(dtype_name, softcapped, target_dtype_name, masked):
             for name, fn in tasks(dtype_name, softcapped, target_dtype_name, masked).items()}
 
 
-@lru_cache(maxsize=None)
 def tasks(dtype_name, softcapped, target_dtype_name, masked=False):
     """{kernel name: its serial tasks function} (see _make_tasks)."""
+    return _tasks(dtype_name, bool(softcapped), target_dtype_name, bool(masked))
+
+
+@lru_cache(maxsize=None)  # one key per variant, however the caller spells the arguments
+def _tasks(dtype_name, softcapped, target_dtype_name, masked):
     return _make_tasks(dtype_name, softcapped, target_dtype_name, masked,
                        _variant(dtype_name, softcapped, target_dtype_name, masked))
 
