@@ -1,8 +1,9 @@
-"""What chunked cross-entropy needs besides the kernel: the chunk size and the mean's divisors.
+"""Chunked cross-entropy's shared parts: the chunk size, the kernel on one chunk, the mean's
+divisors.
 
 Shared by the numpy/CuPy linear CE (``gpuce.linear``) and the torch ops
-(``gpuce.torch_linear``, ``gpuce.torch_vocab_parallel``). Only array methods common to numpy, CuPy and torch are used, so
-device arrays stay on the device (no host sync).
+(``gpuce.torch_linear``, ``gpuce.torch_vocab_parallel``). Only array methods common to
+numpy, CuPy and torch are used, so device arrays stay on the device (no host sync).
 """
 from ._api import cross_entropy, cross_entropy_with_grad
 
