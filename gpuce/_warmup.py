@@ -27,8 +27,7 @@ def warmup(device="cpu", dtypes=DEFAULT_DTYPES, ops=DEFAULT_OPS, *, softcap=Fals
     softcap, soft_targets : also compile the softcapped / probability-target variants.
     sizes : CPU only -- 'small' calls run a serial build, 'large' ones the parallel build.
     classes : CPU only -- also cross entropy at these class counts C <= 32 (fp32/fp64 hard
-        targets have a build per C there, see kernels/cpu_small.py; its serial builds, the
-        ones small calls run, are kept on disk).
+        targets have a build per C there, see kernels/cpu_small.py), in each of ``sizes``.
     progress : show a tqdm progress bar.
     """
     jobs = plan(device, dtypes, ops, softcap=softcap, soft_targets=soft_targets, sizes=sizes,
@@ -63,7 +62,7 @@ def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("smal
     bad = [s for s in sizes if s not in ("small", "large")]
     if bad:
         raise ValueError(f"sizes: {bad[0]!r} is not 'small' or 'large'")
-    from ._cpu import SMALL_MAX_C
+    from ._cpu import SERIAL_BELOW, SMALL_MAX_C
     bad = [c for c in classes if not (isinstance(c, int) and 1 <= c <= SMALL_MAX_C)]
     if bad or (classes and device != "cpu"):
         raise ValueError(f"classes: {bad[0] if bad else classes!r} is not a CPU class count "
@@ -71,7 +70,6 @@ def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("smal
     caps = (None, 30.0) if softcap else (None,)
     targets = ("hard", "soft") if soft_targets else ("hard",)
     if device == "cpu":
-        from ._cpu import SERIAL_BELOW
         shapes = {"small": (4, 64), "large": (max(1, SERIAL_BELOW // 64), 64)}
         shapes = [(size, shapes[size]) for size in sizes]
         to_device, strategies = (lambda a: a), [(None, shape) for _, shape in shapes]
@@ -90,13 +88,14 @@ def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("smal
                             (" soft" if tgt == "soft" else "")
                         jobs.append((label, _job(device, op, dt, shape, cap, tgt, strategy,
                                                  to_device)))
-    # the short-row builds (hard targets, fp32/fp64: see _cpu._small_ok); their parallel
-    # builds are not kept on disk, so compiling them here would not outlive this process
-    short = "cross_entropy" in ops and "small" in sizes
-    for dt in dtypes if short else ():
-        for c in classes if dt in ("float32", "float64") else ():
-            jobs.append((f"{dt} cross_entropy small C={c}",
-                         _job(device, "cross_entropy", dt, (4, c), None, "hard", None, to_device)))
+    # the short-row builds (hard targets, fp32/fp64: see _cpu._small_ok), serial and parallel
+    for where in (sizes if "cross_entropy" in ops else ()):
+        for dt in dtypes:
+            for c in classes if dt in ("float32", "float64") else ():
+                rows = 4 if where == "small" else -(-SERIAL_BELOW // c)
+                jobs.append((f"{dt} cross_entropy {where} C={c}",
+                             _job(device, "cross_entropy", dt, (rows, c), None, "hard", None,
+                                  to_device)))
     return jobs
 
 

@@ -97,20 +97,13 @@ def attach(dispatcher, variant, cache_class=VariantCache):
     return dispatcher
 
 
-def cached(decorator, variant, on_disk=True):
+def cached(decorator, variant):
     """``decorator`` (e.g. ``njit``), with the disk cache for ``variant`` plus the kernel's
-    name attached to each function it builds; ``on_disk=False`` keeps it in-process only."""
+    name attached to each function it builds."""
     def build(fn):
-        kernel = decorator(fn)
-        return attach(kernel, f"{variant}|{fn.__qualname__}") if on_disk else kernel
+        return attach(decorator(fn), f"{variant}|{fn.__qualname__}")
     return build
 
-
-# For factories whose parallel builds are plain prange kernels (cpu_small): such a build,
-# loaded back from disk, can differ in the last bit from the same build compiled in-process
-# (numba re-optimises the linked loop body; see cpu_tasks), so those stay in-process. The
-# kernels of cpu.py run through cpu_tasks' drivers instead, and are cached in both builds.
-PARALLEL_ON_DISK = False
 
 
 def cache_location():

@@ -11,13 +11,14 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import carray, njit, prange, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu_math as cm
 from .cpu import BLOCK_ELEMS, launch_shape  # noqa: F401  (same blocking as the generic kernels)
-from .cpu_cache import PARALLEL_ON_DISK, cached
+from .cpu_cache import attach, cached
+from .cpu_tasks import DriverCache, drivers
 
 MAX_C = 32
 _SQRT2_32 = np.float32(1.4142135623730951)
@@ -61,35 +62,24 @@ _TRAITS = {"float32": (cm.exp_nonpos_f32, log_pos_f32, np.float32),
 
 
 @lru_cache(maxsize=None)
-def make_ce_hard_small(dtype_name, n_cls, parallel=True):
-    """ce_hard for rows of exactly ``n_cls`` classes, logits and gradient in ``dtype_name``
-    (float32/float64: the gradient buffer holds e, as in the generic kernel)."""
+def _small_tasks(dtype_name, n_cls):
+    """(tasks, variant): the kernel's row work as a serial function of (x, g, tgt, w, go,
+    go_step, ignore_index, inv_ce, loss_out, write_grad, per_block, n_tasks, t0, t1) running
+    tasks t0..t1, each a contiguous share of the row blocks. Both builds run it through
+    cpu_tasks' symbol, so their rows agree to the bit and both are cached on disk."""
     exp, log, acc = _TRAITS[dtype_name]
     C = n_cls
-    fm = cm.FASTMATH
-    variant = f"small dtype={dtype_name} C={C} parallel={parallel} fastmath={sorted(fm)}"
-    outer = cached(njit(parallel=parallel, fastmath=fm, error_model="numpy"), variant,
-                   on_disk=not parallel or PARALLEL_ON_DISK)
+    variant = f"small dtype={dtype_name} C={C} fastmath={sorted(cm.FASTMATH)}"
     ZERO = acc(0.0)
     ONE = acc(1.0)
     NEG_INF = acc(-np.inf)
     INF = acc(np.inf)
 
-    @outer
-    def ce_hard_small(x, g, tgt, w, go, go_step, ignore_index, mean, loss_out, write_grad,
-                      per_block, n_tasks):
-        """-> (sum of the row losses in float64, -1), or (0, first row whose target is
-        outside [0, C) and not ignore_index) having written nothing."""
+    @cached(_jit, variant)
+    def ce_hard_small_tasks(x, g, tgt, w, go, go_step, ignore_index, inv_ce, loss_out,
+                            write_grad, per_block, n_tasks, t0, t1):
         n_rows = x.shape[0]
-        w_kept = 0.0  # the mean's divisor, accumulated in float64
-        for i in range(n_rows):
-            y = tgt[i]
-            if y != ignore_index:
-                if y < 0 or y >= C:
-                    return 0.0, i
-                w_kept += w[y]
-        inv_ce = acc((0.0 if w_kept == 0.0 else 1.0 / w_kept) if mean else 1.0)
-        for t in prange(n_tasks):
+        for t in range(t0, t1):
             scratch = np.empty((per_block, C), dtype=acc)
             k = np.empty(per_block, dtype=acc)
             gap = np.empty(per_block, dtype=acc)  # max - target logit
@@ -157,11 +147,50 @@ def make_ce_hard_small(dtype_name, n_cls, parallel=True):
                                 e[i, c] = ZERO
                         elif k[i] != ZERO:
                             e[i, y] -= a_y[i]
+
+    return ce_hard_small_tasks, variant
+
+
+def _task_argtys(sig):
+    """The tasks' argument types from the whole call's: ``mean`` (bool) becomes ``inv_ce``
+    (the accumulator dtype, that of ``w``), and the task index follows."""
+    args = list(sig)
+    args[7] = args[3].dtype
+    return tuple(args) + (types.int64, types.int64)
+
+
+@lru_cache(maxsize=None)
+def make_ce_hard_small(dtype_name, n_cls, parallel=True):
+    """ce_hard for rows of exactly ``n_cls`` classes, logits and gradient in ``dtype_name``
+    (float32/float64: the gradient buffer holds e, as in the generic kernel). Cached on disk
+    in both builds."""
+    tasks, task_variant = _small_tasks(dtype_name, n_cls)
+    run_tasks = drivers(tasks, task_variant)[bool(parallel)]
+    acc = _TRAITS[dtype_name][2]
+    C = n_cls
+    variant = f"{task_variant} whole call parallel={bool(parallel)}"
+
+    def ce_hard_small(x, g, tgt, w, go, go_step, ignore_index, mean, loss_out, write_grad,
+                      per_block, n_tasks):
+        """-> (sum of the row losses in float64, -1), or (0, first row whose target is
+        outside [0, C) and not ignore_index) having written nothing."""
+        n_rows = x.shape[0]
+        w_kept = 0.0  # the mean's divisor, accumulated in float64
+        for i in range(n_rows):
+            y = tgt[i]
+            if y != ignore_index:
+                if y < 0 or y >= C:
+                    return 0.0, i
+                w_kept += w[y]
+        inv_ce = acc((0.0 if w_kept == 0.0 else 1.0 / w_kept) if mean else 1.0)
+        run_tasks(x, g, tgt, w, go, go_step, ignore_index, inv_ce, loss_out, write_grad,
+                  per_block, n_tasks)
         total = 0.0
         for i in range(n_rows):
             total += loss_out[i]
         return total, -1
-    return ce_hard_small
+    return attach(njit(error_model="numpy")(ce_hard_small), variant,
+                  lambda py_func, v: DriverCache(py_func, v, tasks, task_variant, _task_argtys))
 
 
 @intrinsic
@@ -182,9 +211,14 @@ def make_ce_hard_small_at(dtype_name, n_cls):
     acc = _TRAITS[dtype_name][2]
     C = n_cls
     per_block = max(1, BLOCK_ELEMS // C)
+    tasks, task_variant = _small_tasks(dtype_name, n_cls)
     variant = f"small-at dtype={dtype_name} C={C} fastmath={sorted(cm.FASTMATH)}"
+    nb_acc = types.float32 if acc is np.float32 else types.float64
+    rows, vec = types.Array(nb_acc, 2, "C"), types.Array(nb_acc, 1, "C")
+    i64 = types.int64
+    argtys = (rows, rows, types.Array(i64, 1, "C"), vec, vec, i64, i64, nb_acc, vec,
+              types.boolean, i64, i64, i64, i64)  # the tasks' arguments in this call
 
-    @cached(njit(fastmath=cm.FASTMATH, error_model="numpy"), variant)
     def ce_hard_small_at(x_at, g_at, tgt_at, loss_at, n_rows, ignore_index, mean):
         x = carray(_address(x_at), (n_rows, C), acc)
         g = carray(_address(g_at), (n_rows, C), acc)
@@ -192,4 +226,6 @@ def make_ce_hard_small_at(dtype_name, n_cls):
         loss = carray(_address(loss_at), (n_rows,), acc) if loss_at else np.empty(n_rows, acc)
         return kernel(x, g, tgt, np.ones(C, acc), np.ones(1, acc), 0, ignore_index, mean, loss,
                       True, per_block, 1)
-    return ce_hard_small_at
+    return attach(njit(error_model="numpy")(ce_hard_small_at), variant,
+                  lambda py_func, v: DriverCache(py_func, v, tasks, task_variant,
+                                                 lambda sig: argtys))

@@ -71,10 +71,14 @@ def _caller(tasks, name, propagate=True):
 
 class DriverCache(VariantCache):
     """A driver's disk cache: binds the symbol its code calls before loading it, and
-    loads nothing whose symbols are unbound (an unresolved symbol would abort the JIT)."""
+    loads nothing whose symbols are unbound (an unresolved symbol would abort the JIT).
+    ``task_argtys(sig)`` gives the tasks' argument types from the cached function's (default:
+    a driver's, ``sig`` plus the task index); for callers of a driver whose own arguments
+    differ from the tasks'."""
 
-    def __init__(self, py_func, variant, tasks, name):
+    def __init__(self, py_func, variant, tasks, name, task_argtys=None):
         self._task_fn, self._task_name = tasks, name  # (numba uses self._name)
+        self._task_argtys = task_argtys or (lambda sig: tuple(sig) + _TASK_INDEX)
         super().__init__(py_func, variant)
 
     def _load_overload(self, sig, target_context):
@@ -83,7 +87,7 @@ class DriverCache(VariantCache):
         data = self._cache_file.load(self._index_key(sig, target_context.codegen()))
         if data is None:
             return None
-        bind(self._task_fn, self._task_name, tuple(sig) + _TASK_INDEX)
+        bind(self._task_fn, self._task_name, self._task_argtys(sig))
         if any(ll.address_of_symbol(s) is None for s in _called_symbols(data)):
             return None  # compile instead
         return self._impl.rebuild(target_context, data)

@@ -141,9 +141,9 @@ def test_warmup_plans_and_rejects_bad_arguments():
     assert len(labels) == 2 * 2 * (1 + 2)  # dtypes x sizes x (softmax + 2 ce variants)
     labels = [label for label, _ in _warmup.plan("cpu", ("float32", "bfloat16"),
                                                   ("cross_entropy",), classes=(10, 32))]
-    # the short-row builds: per C, fp32/fp64 only, serial (small) only
-    assert [x for x in labels if "C=" in x] == ["float32 cross_entropy small C=10",
-                                                "float32 cross_entropy small C=32"]
+    # the short-row builds: per C and size, fp32/fp64 only
+    assert [x for x in labels if "C=" in x] == [f"float32 cross_entropy {size} C={c}"
+                                                for size in ("small", "large") for c in (10, 32)]
     for bad in (0, 33):
         with pytest.raises(ValueError, match="classes"):
             _warmup.plan("cpu", ("float32",), ("cross_entropy",), classes=(bad,))
@@ -204,6 +204,17 @@ _BITS_CHILD = textwrap.dedent("""
     for name in ("softmax", "ce_hard"):
         st = ks[name].stats
         out[name] = [sum(st.cache_hits.values()), sum(st.cache_misses.values())]
+    # the short-row kernel (C = 10: its own build per C), parallel and serial
+    from gpuce._cpu import SERIAL_BELOW
+    from gpuce.kernels import cpu_small
+    n = 2 * SERIAL_BELOW // 10
+    x10, y10 = (rng.standard_normal((n, 10)) * 3).astype(np.float32), rng.integers(0, 10, n)
+    l10, g10 = gpuce.cross_entropy_with_grad(x10, y10, reduction="none")
+    l8, g8 = gpuce.cross_entropy_with_grad(x10[:8], y10[:8], reduction="none")
+    out["large"] += [a.tobytes().hex() for a in (l10, g10[:8])]
+    out["small"] += [a.tobytes().hex() for a in (l8, g8)]
+    st = cpu_small.make_ce_hard_small("float32", 10, True).stats
+    out["ce_small"] = [sum(st.cache_hits.values()), sum(st.cache_misses.values())]
     print(json.dumps(out))
 """)
 
@@ -214,8 +225,8 @@ def test_results_are_bitwise_the_same_whatever_the_cache_state(tmp_path):
     env = _child_env(tmp_path)
     runs = [json.loads(subprocess.run([sys.executable, "-c", _BITS_CHILD], env=env, check=True,
                                       capture_output=True, text=True).stdout) for _ in range(2)]
-    assert runs[0]["softmax"] == runs[0]["ce_hard"] == [0, 1]  # compiled here
-    assert runs[1]["softmax"] == runs[1]["ce_hard"] == [1, 0]  # loaded from disk
+    assert runs[0]["softmax"] == runs[0]["ce_hard"] == runs[0]["ce_small"] == [0, 1]  # compiled
+    assert runs[1]["softmax"] == runs[1]["ce_hard"] == runs[1]["ce_small"] == [1, 0]  # from disk
     assert runs[0]["large"] == runs[1]["large"] and runs[0]["small"] == runs[1]["small"]
     large = [np.frombuffer(bytes.fromhex(h), np.float32) for h in runs[1]["large"]]
     small = [np.frombuffer(bytes.fromhex(h), np.float32) for h in runs[1]["small"]]
@@ -238,8 +249,11 @@ def test_task_code_calls_no_other_compiled_function():
     y = rng.integers(0, 300, 6)
     gpuce.softmax(x)
     gpuce.cross_entropy_with_grad(x, y, label_smoothing=0.1, z_loss=1e-3)
+    gpuce.cross_entropy_with_grad(x[:, :10], y % 10)  # the short-row kernel's tasks too
+    from gpuce.kernels import cpu_small
     checked = 0
-    for dispatcher in cpu.tasks("float32", False, None).values():
+    for dispatcher in [*cpu.tasks("float32", False, None).values(),
+                       cpu_small._small_tasks("float32", 10)[0]]:
         for cres in dispatcher.overloads.values():
             ir = str(cres.library._get_module_for_linking())  # compiled or loaded from disk
             defined = set(re.findall(r'^define [^@]*@"?([^"(]+)"?\(', ir, re.M))
@@ -248,4 +262,4 @@ def test_task_code_calls_no_other_compiled_function():
             assert not linked, (dispatcher.py_func.__qualname__, sorted(linked))
             assert "NRT_decref" in called  # (the scratch buffers: the scan sees calls)
             checked += 1
-    assert checked >= 2  # softmax and ce_hard at least
+    assert checked >= 3  # softmax, ce_hard and the short-row tasks at least
