@@ -6,10 +6,12 @@ functions of cuda_rowmath and the reductions of cuda_reduce. Rows are ``n_cls`` 
 storage elements; row ``r`` starts at the 64-bit offset ``r * n_cls``.
 
 Strategies, by row length:
-  warp          a warp owns a row (``warp``: 32 lanes x 16 values, float64 8), or 4 lanes do
-                (``warp_narrow``, C <= 32: eight rows per warp). The row is held in registers,
-                read once; several rows per block. Lanes and values per lane are compile-time
-                constants, so the register array is fully unrolled and addressed by constants.
+  warp          2..32 lanes of a warp own a row, 16 values a lane (float64 8): the part
+                (``warp_2x16`` .. ``warp_16x16``, ``warp`` = 32 lanes) with the fewest lanes
+                that holds C (gpuce/_cuda_plan.py WARP_SHAPES). The row is held in registers,
+                read once; several rows per warp and block. Lanes and values per lane are
+                compile-time constants, so the register array is fully unrolled and addressed
+                by constants.
   block_cached  a block owns a row, cached in dynamic shared memory, read once.
   block         a block owns a row of any length: an online (max, sum) sweep, then a
                 gradient sweep (the row is read twice).
@@ -52,7 +54,8 @@ from .cuda_dtypes import DTYPES, array, device, traits
 from .cuda_reduce import grid_sums, reductions
 from .cuda_rowmath import ACTIVE, BAD, IDLE, rowmath
 from .cuda_vec import access, step_elems
-from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
+from .._cuda_plan import (MAX_BLOCK, WARP_BLOCK, WARP_MIN_BLOCKS, WARP_SHAPES,  # noqa: F401
+                          warp_capacity, warp_shape)
 
 U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
 

@@ -7,8 +7,8 @@ helpers, and a (source, destination) pair for ``convert``. ``all_specs()`` lists
 launch, for the PTX compile test and benchmarks/ptx_report.py. A main kernel's name ending in
 ``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned).
 """
-from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, _INT_TYPES, ce_kernel, ce_signature,
-                                 check_masked_targets_kernel, check_masked_targets_signature,
+from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, WARP_MIN_BLOCKS, WARP_SHAPES, _INT_TYPES,
+                                 ce_kernel, ce_signature, check_masked_targets_kernel, check_masked_targets_signature,
                                  check_targets_kernel, check_targets_signature, convert_kernel,
                                  convert_signature, mask_live_kernel, mask_live_signature,
                                  stats_signature, target_stats_kernel)
@@ -19,7 +19,7 @@ STRATEGIES = ("warp", "block_cached", "block", "split")
 HALF_SOFT = ("float16", "bfloat16")  # half logits also run with float32 soft targets
 VEC = "_vec"  # name suffix of the 128-bit variant (rows 16-byte aligned; see cuda_vec)
 MASKED = "_masked"  # name part of the class-mask variant: <family>_<part>_masked[_vec]
-_PARTS = ("warp", "warp_narrow", "block_cached", "block", "split_partial", "split_finish")
+_PARTS = (*WARP_SHAPES, "block_cached", "block", "split_partial", "split_finish")
 
 
 def _bound(part, family="ce", dt=None):
@@ -27,8 +27,8 @@ def _bound(part, family="ce", dt=None):
     blocks per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
     float64). Cross entropy's block kernels need more (80-96): a 64-register bound spills
     ~100 bytes."""
-    if part.startswith("warp"):
-        return WARP_BLOCK
+    if part in WARP_SHAPES:
+        return WARP_BLOCK, WARP_MIN_BLOCKS[family]
     return (MAX_BLOCK, 2) if family == "softmax" and dt != "float64" else MAX_BLOCK
 
 

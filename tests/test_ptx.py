@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(SIMULATOR, reason="PTX compilation needs the rea
 if not SIMULATOR:
     pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
     pytest.importorskip("cuda.bindings.nvjitlink", reason="nvJitLink is not installed")
+    from gpuce._cuda_plan import WARP_MIN_BLOCKS, WARP_SHAPES
     from gpuce.kernels import cuda_ptx, cuda_registry
 
     # The class-mask variants (cuda_registry.masked_specs) double the count: by default one
@@ -73,6 +74,9 @@ def test_compiles_without_spills(resources, spec):
         assert r["maxntid"], f"{where}: no launch bound in the PTX"
         if spec[0].startswith(("ce_warp", "softmax_warp")):
             assert r["stack"] == 0, f"{where}: the row is not held in registers"
+            # the launch bound's resident blocks fit the SM's 64K registers (8 a unit)
+            blocks = WARP_MIN_BLOCKS[spec[0].split("_")[0]]
+            assert -(-r["registers"] // 8) * 8 * 256 * blocks <= 65536, where
 
 
 # Static PTX instructions per element of a 128-bit streaming loop, sm_90: every path of the
@@ -122,8 +126,7 @@ def test_vectorized_kernels_stream_128_bits(resources, spec):
 def test_every_kernel_is_listed():
     names = {name for name, _ in SPECS}
     for fam in ("softmax", "ce"):
-        for part in ("warp", "warp_narrow", "block_cached", "block", "split_partial",
-                     "split_finish"):
+        for part in (*WARP_SHAPES, "block_cached", "block", "split_partial", "split_finish"):
             assert f"{fam}_{part}" in names and f"{fam}_{part}_vec" in names
     for dt in ("float16", "bfloat16", "float32", "float64"):
         assert ("ce_warp", dt) in SPECS and ("softmax_split_finish", dt) in SPECS
