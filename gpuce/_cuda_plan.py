@@ -18,13 +18,16 @@ the part with the fewest lanes that holds C, so padded work is at most 2x the ro
 Few lanes a row, many values a lane: the per-row work (reductions, the loss) is shared by
 fewer lanes, and each lane has 2-4 128-bit loads in flight.
 
-| part       | C (float64)         | lanes a row | rows per 256-thread block | blocks/SM: ce, softmax |
-|------------|---------------------|-------------|---------------------------|------------------------|
-| warp_2x16  | 1..32 (1..16)       | 2           | 128                       | 2, 4                   |
-| warp_4x16  | 33..64 (17..32)     | 4           | 64                        | 2, 4                   |
-| warp_8x16  | 65..128 (33..64)    | 8           | 32                        | 2, 4                   |
-| warp_16x16 | 129..256 (65..128)  | 16          | 16                        | 2, 4                   |
-| warp       | 257..512 (129..256) | 32          | 8                         | 2, 4                   |
+| part       | C (float64)         | lanes a row | rows a block (256 threads) |
+|------------|---------------------|-------------|----------------------------|
+| warp_2x16  | 1..32 (1..16)       | 2           | 128                        |
+| warp_4x16  | 33..64 (17..32)     | 4           | 64                         |
+| warp_8x16  | 65..128 (33..64)    | 8           | 32                         |
+| warp_16x16 | 129..256 (65..128)  | 16          | 16                         |
+| warp       | 257..512 (129..256) | 32          | 8                          |
+
+The warp kernels' launch bound asks for WARP_MIN_BLOCKS of their 256-thread blocks per SM
+(ce 2: <= 128 registers; softmax 4: <= 64), with no spills (tests/test_ptx.py).
 
 Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; softmax block kernels
 (512 threads, 2 blocks per SM: <= 64 registers, no spills; float64 1); cross-entropy block kernels 512

@@ -8,10 +8,11 @@ launch, for the PTX compile test and benchmarks/ptx_report.py. A main kernel's n
 ``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned).
 """
 from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, WARP_MIN_BLOCKS, WARP_SHAPES, _INT_TYPES,
-                                 ce_kernel, ce_signature, check_masked_targets_kernel, check_masked_targets_signature,
-                                 check_targets_kernel, check_targets_signature, convert_kernel,
-                                 convert_signature, mask_live_kernel, mask_live_signature,
-                                 stats_signature, target_stats_kernel)
+                                 ce_kernel, ce_signature, check_masked_targets_kernel,
+                                 check_masked_targets_signature, check_targets_kernel,
+                                 check_targets_signature, convert_kernel, convert_signature,
+                                 mask_live_kernel, mask_live_signature, stats_signature,
+                                 target_stats_kernel)
 from .cuda_dtypes import DTYPES
 from .cuda_softmax import softmax_kernel, softmax_signature
 

@@ -51,11 +51,15 @@ def _build(spec):
 
 
 @pytest.fixture(scope="module")
-def resources():
+def resources(request):
+    """Only the kernels of the tests selected (``-k warp`` compiles the warp kernels)."""
+    wanted = {item.callspec.params["spec"] for item in request.session.items
+              if "spec" in getattr(getattr(item, "callspec", None), "params", {})}
+    specs = [s for s in SPECS if s in wanted]
     workers = max(1, min(len(os.sched_getaffinity(0)), 4))
     with ProcessPoolExecutor(workers) as pool:
-        results = list(pool.map(_build, SPECS, chunksize=1))
-    return dict(zip(SPECS, results))
+        results = list(pool.map(_build, specs, chunksize=1))
+    return dict(zip(specs, results))
 
 
 def _label(spec):
