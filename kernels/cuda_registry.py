@@ -24,8 +24,9 @@ _PARTS = (*WARP_SHAPES, "block_cached", "block", "split_partial", "split_finish"
 
 
 def _bound(part, family="ce", dt=None):
-    """Launch bound: max threads per block, and for the softmax block kernels 2 resident
-    blocks per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
+    """Launch bound: max threads per block and resident blocks per SM: for the warp kernels
+    WARP_MIN_BLOCKS (gpuce/_cuda_plan.py); for the softmax block kernels 2 resident blocks
+    per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
     float64). Cross entropy's block kernels need more (80-96): a 64-register bound spills
     ~100 bytes."""
     if part in WARP_SHAPES:
