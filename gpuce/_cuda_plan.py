@@ -27,8 +27,8 @@ fewer lanes, and each lane has 2-4 128-bit loads in flight.
 | warp       | 257..512 (129..256) | 32          | 8                          |
 
 The warp kernels' launch bound asks for WARP_MIN_BLOCKS of their 256-thread blocks per SM
-(softmax 3: <= 80 registers; ce none: 95-120 registers on sm_90, 2 blocks), with no spills
-(tests/test_ptx.py).
+(softmax 3: <= 80 registers, float64 2; ce none: 95-128 registers on sm_90, 2 blocks), with
+no spills (tests/test_ptx.py).
 
 Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; softmax block kernels
 (512 threads, 2 blocks per SM: <= 64 registers, no spills; float64 1); cross-entropy block kernels 512
@@ -65,10 +65,17 @@ WARP_SHAPES = {
     "warp_16x16": (16, 16),
     "warp": (32, 16),
 }
-# their launch bound's resident 256-thread blocks per SM, by family: ce's kernels take 95-120
+# their launch bound's resident 256-thread blocks per SM, by family: ce's kernels take 95-128
 # registers on sm_90 (2 blocks) but spill under a 128-register bound on sm_80, so none is
-# asked; softmax's fit 80 (3 blocks; 4 spill on sm_80), 6+ KiB in flight per block
+# asked; softmax's fit 80 (3 blocks; 4 spill on sm_80), 6+ KiB in flight per block, and
+# 128 in float64 (2 blocks; 3 spill)
 WARP_MIN_BLOCKS = {"ce": 1, "softmax": 3}
+WARP_MIN_BLOCKS_F64 = {"ce": 1, "softmax": 2}
+
+
+def warp_min_blocks(family, dt):
+    """The warp kernels' launch bound: resident 256-thread blocks per SM asked of ptxas."""
+    return (WARP_MIN_BLOCKS_F64 if dt == "float64" else WARP_MIN_BLOCKS)[family]
 
 _ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -207,7 +214,7 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
         grid = max(1, min(-(-n_rows // (block // lanes)), device.max_grid))
         name = f"{family}_{part}"
         return LaunchPlan(family, "warp", part, name, key, grid, block, 0, kernels=(name,),
-                          launch_bound=WARP_BLOCK, min_blocks=WARP_MIN_BLOCKS[family])
+                          launch_bound=WARP_BLOCK, min_blocks=warp_min_blocks(family, dt))
     block = block_threads(n_cls, device)
     if strategy == "block_cached":
         shared = cached_bytes(n_cls, dt)

@@ -54,8 +54,7 @@ from .cuda_dtypes import DTYPES, array, device, traits
 from .cuda_reduce import grid_sums, reductions
 from .cuda_rowmath import ACTIVE, BAD, IDLE, rowmath
 from .cuda_vec import access, step_elems
-from .._cuda_plan import (MAX_BLOCK, WARP_BLOCK, WARP_MIN_BLOCKS, WARP_SHAPES,  # noqa: F401
-                          warp_capacity, warp_shape)
+from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
 
 U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
 

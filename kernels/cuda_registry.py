@@ -7,13 +7,14 @@ helpers, and a (source, destination) pair for ``convert``. ``all_specs()`` lists
 launch, for the PTX compile test and benchmarks/ptx_report.py. A main kernel's name ending in
 ``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned).
 """
-from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, WARP_MIN_BLOCKS, WARP_SHAPES, _INT_TYPES,
+from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, _INT_TYPES,
                                  ce_kernel, ce_signature, check_masked_targets_kernel,
                                  check_masked_targets_signature, check_targets_kernel,
                                  check_targets_signature, convert_kernel, convert_signature,
                                  mask_live_kernel, mask_live_signature, stats_signature,
                                  target_stats_kernel)
 from .cuda_dtypes import DTYPES
+from .._cuda_plan import warp_min_blocks
 from .cuda_softmax import softmax_kernel, softmax_signature
 
 STRATEGIES = ("warp", "block_cached", "block", "split")
@@ -25,12 +26,12 @@ _PARTS = (*WARP_SHAPES, "block_cached", "block", "split_partial", "split_finish"
 
 def _bound(part, family="ce", dt=None):
     """Launch bound: max threads per block and resident blocks per SM: for the warp kernels
-    WARP_MIN_BLOCKS (gpuce/_cuda_plan.py); for the softmax block kernels 2 resident blocks
+    warp_min_blocks (gpuce/_cuda_plan.py); for the softmax block kernels 2 resident blocks
     per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
     float64). Cross entropy's block kernels need more (80-96): a 64-register bound spills
     ~100 bytes."""
     if part in WARP_SHAPES:
-        return WARP_BLOCK, WARP_MIN_BLOCKS[family]
+        return WARP_BLOCK, warp_min_blocks(family, dt)
     return (MAX_BLOCK, 2) if family == "softmax" and dt != "float64" else MAX_BLOCK
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(SIMULATOR, reason="PTX compilation needs the rea
 if not SIMULATOR:
     pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
     pytest.importorskip("cuda.bindings.nvjitlink", reason="nvJitLink is not installed")
-    from gpuce._cuda_plan import WARP_MIN_BLOCKS, WARP_SHAPES
+    from gpuce._cuda_plan import WARP_SHAPES, warp_min_blocks
     from gpuce.kernels import cuda_ptx, cuda_registry
 
     # The class-mask variants (cuda_registry.masked_specs) double the count: by default one
@@ -79,7 +79,8 @@ def test_compiles_without_spills(resources, spec):
         if spec[0].startswith(("ce_warp", "softmax_warp")):
             assert r["stack"] == 0, f"{where}: the row is not held in registers"
             # the launch bound's resident blocks fit the SM's 64K registers (8 a unit)
-            blocks = WARP_MIN_BLOCKS[spec[0].split("_")[0]]
+            dt = spec[1][0] if isinstance(spec[1], tuple) else spec[1]
+            blocks = warp_min_blocks(spec[0].split("_")[0], dt)
             assert -(-r["registers"] // 8) * 8 * 256 * blocks <= 65536, where
 
 
