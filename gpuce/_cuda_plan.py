@@ -8,11 +8,27 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 
 | strategy     | when                                   | threads/block       | shared memory  |
 |--------------|----------------------------------------|---------------------|----------------|
-| warp_narrow  | C <= 32 (float64: 16)                  | 256 (4 lanes a row) | 0              |
-| warp         | C <= 512 (float64: 256)                | 256 (a warp a row)  | 0              |
+| warp         | C <= 512 (float64: 256): the warp part below | 256          | 0              |
 | split        | rows < SMs and C >= 16384              | pow2(C/8) in 128..512 | 0            |
 | block_cached | the row (storage dtype) fits in the opt-in shared memory | as split | C x item bytes |
 | block        | any C                                  | as split            | 0              |
+
+The warp strategy's kernels (parts) hold the row in registers, 16 values a lane (float64 8):
+the part with the fewest lanes that holds C, so padded work is at most 2x the row (C > 16).
+Few lanes a row, many values a lane: the per-row work (reductions, the loss) is shared by
+fewer lanes, and each lane has 2-4 128-bit loads in flight.
+
+| part       | C (float64)         | lanes a row | rows a block (256 threads) |
+|------------|---------------------|-------------|----------------------------|
+| warp_2x16  | 1..32 (1..16)       | 2           | 128                        |
+| warp_4x16  | 33..64 (17..32)     | 4           | 64                         |
+| warp_8x16  | 65..128 (33..64)    | 8           | 32                         |
+| warp_16x16 | 129..256 (65..128)  | 16          | 16                         |
+| warp       | 257..512 (129..256) | 32          | 8                          |
+
+The warp kernels' launch bound asks for WARP_MIN_BLOCKS of their 256-thread blocks per SM
+(softmax 3: <= 80 registers, float64 2; ce none: 95-128 registers on sm_90, 2 blocks), with
+no spills (tests/test_ptx.py).
 
 Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; softmax block kernels
 (512 threads, 2 blocks per SM: <= 64 registers, no spills; float64 1); cross-entropy block kernels 512
@@ -40,11 +56,26 @@ GRID_PER_SM = 64          # grid cap: blocks per SM (grid-stride loops cover the
 VEC = "_vec"              # kernel name suffix of the 128-bit variant (kernels/cuda_vec.py)
 VEC_BYTES = 16
 
-# warp kernels: part -> (lanes per row, values per lane held in registers; float64 half)
+# warp kernels, smallest first: part -> (lanes per row, values per lane held in registers;
+# float64 half as many). Capacities double, so the part chosen pads at most 2x the row.
 WARP_SHAPES = {
+    "warp_2x16": (2, 16),
+    "warp_4x16": (4, 16),
+    "warp_8x16": (8, 16),
+    "warp_16x16": (16, 16),
     "warp": (32, 16),
-    "warp_narrow": (4, 8),   # C <= 32: eight rows per warp, enough bytes in flight
 }
+# their launch bound's resident 256-thread blocks per SM, by family: ce's kernels take 95-128
+# registers on sm_90 (2 blocks) but spill under a 128-register bound on sm_80, so none is
+# asked; softmax's fit 80 (3 blocks; 4 spill on sm_80), 6+ KiB in flight per block, and
+# 128 in float64 (2 blocks; 3 spill)
+WARP_MIN_BLOCKS = {"ce": 1, "softmax": 3}
+WARP_MIN_BLOCKS_F64 = {"ce": 1, "softmax": 2}
+
+
+def warp_min_blocks(family, dt):
+    """The warp kernels' launch bound: resident 256-thread blocks per SM asked of ptxas."""
+    return (WARP_MIN_BLOCKS_F64 if dt == "float64" else WARP_MIN_BLOCKS)[family]
 
 _ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -82,7 +113,7 @@ class DeviceLimits:
 class LaunchPlan:
     family: str            # "ce" or "softmax"
     strategy: str          # one of STRATEGIES
-    part: str              # kernel variant: warp, warp_narrow, block_cached, block, split
+    part: str              # kernel variant: a WARP_SHAPES key, block_cached, block, split
     kernel: str            # cuda_registry name of the (first) kernel launched
     key: object            # cuda_registry key: the logits' dtype (or (dtype, soft dtype))
     grid: int
@@ -93,6 +124,15 @@ class LaunchPlan:
     kernels: tuple = field(default=())  # every kernel name launched, in order
     launch_bound: int = MAX_BLOCK       # max threads per block compiled into the kernel
     min_blocks: int = 1    # resident blocks per SM the launch bound asks of the compiler
+
+
+def warp_part(n_cls, dt):
+    """The warp part holding rows of n_cls ``dt`` values with the least padding (None: no
+    warp part holds them)."""
+    for part in WARP_SHAPES:
+        if n_cls <= warp_capacity(part, dt):
+            return part
+    return None
 
 
 def warp_capacity(part, dt):
@@ -168,13 +208,13 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
         if n_cls > cap:
             raise ValueError(f"strategy: warp holds rows of at most {cap} {dt} values, "
                              f"got {n_cls}")
-        part = "warp_narrow" if n_cls <= warp_capacity("warp_narrow", dt) else "warp"
+        part = warp_part(n_cls, dt)
         lanes, _ = warp_shape(part, dt)
         block = SIM_BLOCK if device.simulated else WARP_BLOCK
         grid = max(1, min(-(-n_rows // (block // lanes)), device.max_grid))
         name = f"{family}_{part}"
         return LaunchPlan(family, "warp", part, name, key, grid, block, 0, kernels=(name,),
-                          launch_bound=WARP_BLOCK)
+                          launch_bound=WARP_BLOCK, min_blocks=warp_min_blocks(family, dt))
     block = block_threads(n_cls, device)
     if strategy == "block_cached":
         shared = cached_bytes(n_cls, dt)

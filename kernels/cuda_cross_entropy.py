@@ -6,10 +6,12 @@ functions of cuda_rowmath and the reductions of cuda_reduce. Rows are ``n_cls`` 
 storage elements; row ``r`` starts at the 64-bit offset ``r * n_cls``.
 
 Strategies, by row length:
-  warp          a warp owns a row (``warp``: 32 lanes x 16 values, float64 8), or 4 lanes do
-                (``warp_narrow``, C <= 32: eight rows per warp). The row is held in registers,
-                read once; several rows per block. Lanes and values per lane are compile-time
-                constants, so the register array is fully unrolled and addressed by constants.
+  warp          2..32 lanes of a warp own a row, 16 values a lane (float64 8): the part
+                (``warp_2x16`` .. ``warp_16x16``, ``warp`` = 32 lanes) with the fewest lanes
+                that holds C (gpuce/_cuda_plan.py WARP_SHAPES). The row is held in registers,
+                read once; several rows per warp and block. Lanes and values per lane are
+                compile-time constants, so the register array is fully unrolled and addressed
+                by constants.
   block_cached  a block owns a row, cached in dynamic shared memory, read once.
   block         a block owns a row of any length: an online (max, sum) sweep, then a
                 gradient sweep (the row is read twice).
@@ -96,11 +98,17 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
         TPR, VPT = warp_shape(strategy, dt)
         LOG2 = TPR.bit_length() - 1
         SPL = VPT // K  # steps per lane
+        i32 = types.int32
+        # A lane's value v = j K + k (step j, element k) is class (j TPR + lane) K + k, so it
+        # is the target iff the constant j TPR K + k equals yo = y - lane K (a 32-bit number
+        # per row: no 64-bit index compare per value). Branches on the row's options (dist,
+        # cap) are taken once per row, not once per value.
 
         def ce_warp(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
                     soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
                     inv_ce, inv_z, unused, mask, m_stride, n_live):
             vals = cuda.local.array(VPT, acc)
+            gfs = cuda.local.array(VPT, acc)  # softcap: each value's chain factor
             sv = cuda.local.array(K, acc)
             qv = cuda.local.array(K, acc)
             buf_t = cuda.shared.array(32, f64)
@@ -113,6 +121,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
+            capping = cap > ZERO
             n_steps = n_cls // K
             for first in range(i64(cuda.blockIdx.x) * per_block, n_rows,
                                i64(cuda.gridDim.x) * per_block):
@@ -127,14 +136,17 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                 if MASKED:
                     state, y = R.masked_target(state, y, mask, mo)
                     smooth = R.live_smooth(eps, n_live, min(row, n_rows - 1), m_stride)
+                yo = i32(y - lane * K)  # y is -1 or a class < 512: negative or in range
                 m = NEG_INF
                 z_y = ZERO
                 for j in range(SPL):
                     s = j * TPR + lane
                     if live and s < n_steps:
                         AX.load(x, rs + s, sv)
-                        for k in range(K):
-                            sv[k] = R.capped(sv[k], cap)
+                        if capping:
+                            for k in range(K):
+                                sv[k] = R.capped(sv[k], cap)
+                                gfs[j * K + k] = R.grad_factor(sv[k], cap)
                         if MASKED:  # left out like the padding
                             R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                     else:  # padding: -inf, which adds nothing
@@ -142,7 +154,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                             sv[k] = NEG_INF
                     for k in range(K):
                         z = sv[k]
-                        if s * K + k == y:
+                        if j * TPR * K + k == yo:
                             z_y = z  # from registers: no re-read that in-place writes could race
                         vals[j * K + k] = z
                         if z > m:
@@ -150,27 +162,27 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                 m = R.finite_max(RD.warp_max(m, TPR))
                 if not soft:
                     z_y = RD.warp_sum(z_y, TPR)
-                se = ZERO
                 big_q = ZERO
                 qz = ZERO
-                for j in range(SPL):
-                    s = j * TPR + lane
-                    on = dist and live and s < n_steps
-                    if on and soft:
-                        AQ.load(q, rs + s, qv)
-                    for k in range(K):
-                        z = vals[j * K + k]
-                        e = math.exp(z - m)
-                        se += e
-                        if on:
-                            wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted,
-                                             keep, smooth)
-                            if MASKED:
-                                wq = R.drop(wq, qv[k] if soft else ZERO,
-                                            mask[U(mo + s * K + k)])
-                            big_q += wq
-                            qz += R.dist_term(wq, z, m)
-                        vals[j * K + k] = e
+                if dist:
+                    for j in range(SPL):
+                        s = j * TPR + lane
+                        if live and s < n_steps:
+                            if soft:
+                                AQ.load(q, rs + s, qv)
+                            for k in range(K):
+                                wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k,
+                                                 weighted, keep, smooth)
+                                if MASKED:
+                                    wq = R.drop(wq, qv[k] if soft else ZERO,
+                                                mask[U(mo + s * K + k)])
+                                big_q += wq
+                                qz += R.dist_term(wq, vals[j * K + k], m)
+                se = ZERO
+                for v in range(VPT):
+                    e = math.exp(vals[v] - m)
+                    se += e
+                    vals[v] = e
                 se = RD.warp_sum(se, TPR)
                 if dist:
                     big_q = RD.warp_sum(big_q, TPR)
@@ -191,21 +203,21 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                         s = j * TPR + lane
                         if s < n_steps:
                             if state == ACTIVE:
-                                if cap > ZERO:
-                                    AX.load(x, rs + s, sv)
-                                if dist and soft:
-                                    AQ.load(q, rs + s, qv)
-                                for k in range(K):
-                                    c = s * K + k
-                                    gf = ONE
-                                    if cap > ZERO:
-                                        gf = R.grad_factor(R.capped(sv[k], cap), cap)
-                                    wq = ZERO
-                                    if dist:
-                                        wq = R.weight_of(qv[k] if soft else ZERO, w, c,
+                                if dist:
+                                    if soft:
+                                        AQ.load(q, rs + s, qv)
+                                    for k in range(K):
+                                        wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k,
                                                          weighted, keep, smooth)
-                                    sv[k] = R.grad_value(vals[j * K + k], k_p,
-                                                         R.coef_of(c, y, k_q, k_y, dist, wq), gf)
+                                        sv[k] = R.coef_of(j * TPR * K + k, yo, k_q, k_y, True,
+                                                          wq)
+                                else:
+                                    for k in range(K):
+                                        sv[k] = R.coef_of(j * TPR * K + k, yo, k_q, k_y, False,
+                                                          ZERO)
+                                for k in range(K):
+                                    sv[k] = R.grad_value(vals[j * K + k], k_p, sv[k],
+                                                         gfs[j * K + k] if capping else ONE)
                                 if MASKED:
                                     R.mask_out(sv, mask, mo + s * K, K, ZERO)
                             else:

@@ -7,28 +7,31 @@ helpers, and a (source, destination) pair for ``convert``. ``all_specs()`` lists
 launch, for the PTX compile test and benchmarks/ptx_report.py. A main kernel's name ending in
 ``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned).
 """
-from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, _INT_TYPES, ce_kernel, ce_signature,
-                                 check_masked_targets_kernel, check_masked_targets_signature,
-                                 check_targets_kernel, check_targets_signature, convert_kernel,
-                                 convert_signature, mask_live_kernel, mask_live_signature,
-                                 stats_signature, target_stats_kernel)
+from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, _INT_TYPES,
+                                 ce_kernel, ce_signature, check_masked_targets_kernel,
+                                 check_masked_targets_signature, check_targets_kernel,
+                                 check_targets_signature, convert_kernel, convert_signature,
+                                 mask_live_kernel, mask_live_signature, stats_signature,
+                                 target_stats_kernel)
 from .cuda_dtypes import DTYPES
+from .._cuda_plan import warp_min_blocks
 from .cuda_softmax import softmax_kernel, softmax_signature
 
 STRATEGIES = ("warp", "block_cached", "block", "split")
 HALF_SOFT = ("float16", "bfloat16")  # half logits also run with float32 soft targets
 VEC = "_vec"  # name suffix of the 128-bit variant (rows 16-byte aligned; see cuda_vec)
 MASKED = "_masked"  # name part of the class-mask variant: <family>_<part>_masked[_vec]
-_PARTS = ("warp", "warp_narrow", "block_cached", "block", "split_partial", "split_finish")
+_PARTS = (*WARP_SHAPES, "block_cached", "block", "split_partial", "split_finish")
 
 
 def _bound(part, family="ce", dt=None):
-    """Launch bound: max threads per block, and for the softmax block kernels 2 resident
-    blocks per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
+    """Launch bound: max threads per block and resident blocks per SM: for the warp kernels
+    warp_min_blocks (gpuce/_cuda_plan.py); for the softmax block kernels 2 resident blocks
+    per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
     float64). Cross entropy's block kernels need more (80-96): a 64-register bound spills
     ~100 bytes."""
-    if part.startswith("warp"):
-        return WARP_BLOCK
+    if part in WARP_SHAPES:
+        return WARP_BLOCK, warp_min_blocks(family, dt)
     return (MAX_BLOCK, 2) if family == "softmax" and dt != "float64" else MAX_BLOCK
 
 

@@ -26,23 +26,49 @@ if SIMULATOR:
 
     KIND = available_kinds()[0]
 
-# case name -> (strategy forced, row length): one row length per kernel variant
+# case name -> (strategy forced, row length): one row length per kernel variant (a warp case
+# is named after the warp part it runs; float64 ones hold half the values, see case_shape)
 STRATEGY_CASES = {
-    "warp_narrow": ("warp", 13),     # 4 lanes per row (C <= 16 for every dtype)
-    "warp": ("warp", 77),            # a warp per row
+    "warp_2x16": ("warp", 26),       # 2 lanes per row
+    "warp_4x16": ("warp", 45),
+    "warp_8x16": ("warp", 77),
+    "warp_16x16": ("warp", 150),
+    "warp": ("warp", 300),           # a warp per row
     "block_cached": ("block_cached", 150),
     "block": ("block", 203),
     "split": ("split", 257),         # 4 chunks per row in the simulator
 }
-CASES = list(STRATEGY_CASES)
+VARIANT_CASES = list(STRATEGY_CASES)  # the dtype tests: every kernel variant
+# the option tests: the warp kernels differ only in lanes and values per lane, so the
+# narrowest and the full-warp one stand for them
+CASES = ["warp_2x16", "warp", "block_cached", "block", "split"]
 # the same kernels' 128-bit variants: row lengths whose rows start on 16 bytes in every dtype
 ALIGNED_CASES = {
-    "warp_narrow": ("warp", 16),
-    "warp": ("warp", 96),
+    "warp_2x16": ("warp", 16),
+    "warp_4x16": ("warp", 48),
+    "warp_8x16": ("warp", 96),
+    "warp_16x16": ("warp", 160),
+    "warp": ("warp", 320),
     "block_cached": ("block_cached", 160),
     "block": ("block", 208),
     "split": ("split", 256),
 }
+
+
+def case_shape(case, dt, cases=STRATEGY_CASES):
+    """(strategy, row length) of a case in ``dt``: float64 warp kernels hold 8 values a lane,
+    not 16, so a warp case's float64 rows are half as long (the same part runs)."""
+    strategy, n_cls = cases[case]
+    if strategy == "warp" and dt == "float64":
+        n_cls //= 2
+    return strategy, n_cls
+
+
+def launched_part(names):
+    """The kernel part (cuda_registry: ce_<part>[_vec]) of the main kernels launched."""
+    parts = {n[len("ce_"):].removesuffix("_vec") for n in names
+             if n.startswith("ce_") and n != "ce_target_stats"}
+    return {"split" if p.startswith("split_") else p for p in parts}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -181,9 +207,9 @@ def test_cross_entropy_options(case, opt):
 # ---- every strategy x every dtype --------------------------------------------------------------
 
 @pytest.mark.parametrize("dt", ["float16", "bfloat16", "float64"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", VARIANT_CASES)
 def test_cross_entropy_dtypes(case, dt):
-    strategy, n_cls = STRATEGY_CASES[case]
+    strategy, n_cls = case_shape(case, dt)
     rng = rng_for(case, dt)
     x, t, kw = build_case(rng, 3, n_cls, dt, OPTIONS["all_hard_mean"])
     loss, grad = run_ce(x, t, strategy, **kw)
@@ -206,7 +232,7 @@ def test_vectorized_variants(case, dt, monkeypatch):
     """Rows that start on 16 bytes take the 128-bit kernels (int32 views, 4/8/2 values per
     access); the same rows one element off their alignment (an offset view) take the scalar
     ones. Both against the reference: loss, gradient in place and not, softmax family."""
-    strategy, n_cls = ALIGNED_CASES[case]
+    strategy, n_cls = case_shape(case, dt, ALIGNED_CASES)
     launched = []
     real = _cuda._launch
 
@@ -232,6 +258,7 @@ def test_vectorized_variants(case, dt, monkeypatch):
         loss, grad = run_ce(xd, t, strategy, **kw)
         vec = [n for n in launched if n.startswith("ce_") and n != "ce_target_stats"]
         assert vec and all(n.endswith("_vec") == aligned for n in vec), launched
+        assert launched_part(launched) == {case}, launched
         check_loss(loss, ref_loss, dt, f"loss aligned={aligned}")
         check_array(grad, ref_grad, dt, f"grad aligned={aligned}")
         with _cuda.force_strategy(strategy):
@@ -291,9 +318,9 @@ def test_half_rounding_is_exact(dt):
 # ---- softmax, log_softmax, logsumexp -----------------------------------------------------------
 
 @pytest.mark.parametrize("dt", list(DTYPES))
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", VARIANT_CASES)
 def test_softmax_family(case, dt):
-    strategy, n_cls = STRATEGY_CASES[case]
+    strategy, n_cls = case_shape(case, dt)
     rng = rng_for(case, dt, "sm")
     x = make_logits(rng, (3, n_cls), dt)
     x[1, : n_cls // 2] = -np.inf  # a masked half row (whole chunks and lanes of -inf)
@@ -312,7 +339,7 @@ def test_softmax_family(case, dt):
     check_loss(lse, ref_logsumexp(x), dt, "logsumexp")
 
 
-@pytest.mark.parametrize("case", ["warp", "block_cached", "split"])
+@pytest.mark.parametrize("case", ["warp_8x16", "block_cached", "split"])
 def test_softmax_axes_and_in_place(case):
     strategy, n_cls = STRATEGY_CASES[case]
     rng = np.random.default_rng(7)
@@ -406,7 +433,7 @@ def test_bad_targets_give_nan_rows(case):
     assert np.isfinite(loss)
 
 
-@pytest.mark.parametrize("case", ["warp_narrow", "block", "split"])
+@pytest.mark.parametrize("case", ["warp_2x16", "block", "split"])
 def test_all_ignored_mean_is_zero(case):
     strategy, n_cls = STRATEGY_CASES[case]
     x = make_logits(np.random.default_rng(3), (3, n_cls), "float32")
@@ -526,9 +553,16 @@ def test_strategy_choice_and_forcing(monkeypatch):
 
     def plan(*args):
         return _cuda._plan(*args)
-    assert plan("ce", 4, 13, "float32", dev).part == "warp_narrow"
-    assert plan("ce", 4, 77, "float32", dev).part == "warp"
-    assert plan("ce", 4, 300, "float64", dev).part == "block_cached"
+    for case in (c for c, (strategy, _) in STRATEGY_CASES.items() if strategy == "warp"):
+        for dt in DTYPES:
+            assert plan("ce", 4, case_shape(case, dt)[1], dt, dev).part == case
+            assert plan("softmax", 4, case_shape(case, dt, ALIGNED_CASES)[1], dt, dev).part == case
+    from gpuce._cuda_plan import WARP_SHAPES, warp_capacity
+    for dt in DTYPES:  # the warp part chosen pads at most 2x the row (C > 16)
+        for n_cls in range(17, warp_capacity("warp", dt) + 1):
+            p = plan("ce", 4, n_cls, dt, dev)
+            assert p.part in WARP_SHAPES and warp_capacity(p.part, dt) <= 2 * n_cls, (n_cls, dt)
+    assert plan("ce", 4, 257, "float64", dev).part == "block_cached"
     assert plan("ce", 4, 20000, "float32", dev).part == "block"
     with _cuda.force_strategy("split"):
         p = plan("ce", 4, 257, "float32", dev)

@@ -30,8 +30,9 @@ else:
 
 # strategy -> (rows, classes): sizes where that kernel is the natural or a forced choice
 SIZES = {
-    "warp_narrow": ("warp", 4096, 10),
-    "warp": ("warp", 2048, 250),
+    "warp_2x16": ("warp", 4096, 10),
+    "warp_8x16": ("warp", 2048, 100),
+    "warp": ("warp", 2048, 250),     # warp_16x16 (float64: warp)
     "block_cached": ("block_cached", 512, 6000),
     "block": ("block", 128, 40000),
     "split": ("split", 8, 262144),

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(SIMULATOR, reason="PTX compilation needs the rea
 if not SIMULATOR:
     pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
     pytest.importorskip("cuda.bindings.nvjitlink", reason="nvJitLink is not installed")
+    from gpuce._cuda_plan import WARP_SHAPES, warp_min_blocks
     from gpuce.kernels import cuda_ptx, cuda_registry
 
     # The class-mask variants (cuda_registry.masked_specs) double the count: by default one
@@ -50,11 +51,15 @@ def _build(spec):
 
 
 @pytest.fixture(scope="module")
-def resources():
+def resources(request):
+    """Only the kernels of the tests selected (``-k warp`` compiles the warp kernels)."""
+    wanted = {item.callspec.params["spec"] for item in request.session.items
+              if "spec" in getattr(getattr(item, "callspec", None), "params", {})}
+    specs = [s for s in SPECS if s in wanted]
     workers = max(1, min(len(os.sched_getaffinity(0)), 4))
     with ProcessPoolExecutor(workers) as pool:
-        results = list(pool.map(_build, SPECS, chunksize=1))
-    return dict(zip(SPECS, results))
+        results = list(pool.map(_build, specs, chunksize=1))
+    return dict(zip(specs, results))
 
 
 def _label(spec):
@@ -73,6 +78,10 @@ def test_compiles_without_spills(resources, spec):
         assert r["maxntid"], f"{where}: no launch bound in the PTX"
         if spec[0].startswith(("ce_warp", "softmax_warp")):
             assert r["stack"] == 0, f"{where}: the row is not held in registers"
+            # the launch bound's resident blocks fit the SM's 64K registers (8 a unit)
+            dt = spec[1][0] if isinstance(spec[1], tuple) else spec[1]
+            blocks = warp_min_blocks(spec[0].split("_")[0], dt)
+            assert -(-r["registers"] // 8) * 8 * 256 * blocks <= 65536, where
 
 
 # Static PTX instructions per element of a 128-bit streaming loop, sm_90: every path of the
@@ -122,8 +131,7 @@ def test_vectorized_kernels_stream_128_bits(resources, spec):
 def test_every_kernel_is_listed():
     names = {name for name, _ in SPECS}
     for fam in ("softmax", "ce"):
-        for part in ("warp", "warp_narrow", "block_cached", "block", "split_partial",
-                     "split_finish"):
+        for part in (*WARP_SHAPES, "block_cached", "block", "split_partial", "split_finish"):
             assert f"{fam}_{part}" in names and f"{fam}_{part}_vec" in names
     for dt in ("float16", "bfloat16", "float32", "float64"):
         assert ("ce_warp", dt) in SPECS and ("softmax_split_finish", dt) in SPECS
