@@ -5,7 +5,8 @@ the logits' storage dtype for the main kernels (for cross entropy also a (logits
 targets) pair: half logits with float32 probabilities), the accumulator dtype for the
 helpers, and a (source, destination) pair for ``convert``. ``all_specs()`` lists every combination gpuce can
 launch, for the PTX compile test and benchmarks/ptx_report.py. A main kernel's name ending in
-``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned).
+``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned; the
+softmax block kernels' also take the storage-dtype views and peel unaligned rows: cuda_vec.peel).
 """
 from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, _INT_TYPES, ce_kernel, ce_signature,
                                  check_masked_targets_kernel, check_masked_targets_signature,

@@ -3,9 +3,10 @@
 A kernel's rows are read and written in *steps* of K elements: K = 1 (the scalar variant, on
 the storage-dtype arrays) or K = 16 bytes / element size (the vectorised variant: fp32 4,
 fp16/bf16 8, fp64 2), on an int32 view of the same memory, one ``ld.global.v4.u32`` /
-``st.global.v4.u32`` per step. The vectorised variant needs every row start 16-byte aligned
-(the base pointer, and C x element size a multiple of 16): the host checks that and takes
-the scalar variant otherwise.
+``st.global.v4.u32`` per step. ``access`` needs every row start 16-byte aligned (the base
+pointer, and C x element size a multiple of 16); ``peel`` (below) lifts that: a row's head
+and tail go element by element, its aligned middle through ``access``. Kernels without it
+take the scalar variant when rows are not aligned (the host checks).
 
 ``access(dt, K)`` gives ``load(a, step, vals)`` (K values of step ``step`` into the local
 array ``vals``, in the accumulator dtype) and ``store(a, step, vals)`` (rounded once to the

@@ -43,6 +43,8 @@ def _build(spec):
             res["maxntid"] = ".maxntid" in ptx
             res["loops"] = cuda_ptx.streaming_loops(ptx)
             res["half_scalar"] = len(re.findall(r"(ld|st)\.global\.[bu]16", ptx))
+            res["half_in_loops"] = sum(1 for body in cuda_ptx.ptx_loops(ptx) for ln in body
+                                       if re.search(r"(ld|st)\.global\.[bu]16", ln))
             out[cc] = res
         return out
     except Exception as exc:  # reported by the test of that kernel
@@ -94,8 +96,11 @@ def _elems(key):
 
 @pytest.mark.parametrize("spec", VEC_SPECS, ids=_label)
 def test_vectorized_kernels_stream_128_bits(resources, spec):
-    """Aligned variants: the row streams with ld.global.v4 (and st.global.v4 where the kernel
-    writes rows), no 16-bit global access anywhere, instructions per element in budget."""
+    """128-bit variants: the row streams with ld.global.v4 (and st.global.v4 where the kernel
+    writes rows), instructions per element in budget, and no 16-bit global access anywhere --
+    but in the softmax block kernels, which peel rows that do not start on 16 bytes
+    (cuda_vec.peel): their head and tail elements, one load and one store a thread outside
+    the streaming loops."""
     res = resources[spec]
     assert not isinstance(res, str), res
     loops = res[(9, 0)]["loops"]
@@ -103,7 +108,11 @@ def test_vectorized_kernels_stream_128_bits(resources, spec):
     assert any(v4_ld for _, v4_ld, _, _, _ in loops), f"{spec}: no 128-bit load loop: {loops}"
     if not name.startswith(("ce_split_partial", "softmax_split_partial")):
         assert any(v4_st for _, _, v4_st, _, _ in loops), f"{spec}: no 128-bit store: {loops}"
-    assert res[(9, 0)]["half_scalar"] == 0, f"{spec}: 16-bit global accesses left"
+    if name.startswith("softmax_") and not name.startswith("softmax_warp"):  # peeled
+        assert res[(9, 0)]["half_in_loops"] == 0, f"{spec}: 16-bit accesses in a loop"
+        assert res[(9, 0)]["half_scalar"] <= 2, f"{spec}: 16-bit global accesses left"
+    else:
+        assert res[(9, 0)]["half_scalar"] == 0, f"{spec}: 16-bit global accesses left"
     k = _elems(spec[1])
     dt = spec[1][0] if isinstance(spec[1], tuple) else spec[1]
     for n, v4_ld, v4_st, ld, st in loops:
