@@ -22,9 +22,10 @@ Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4
 fp16/bf16 or 2 fp64 values), taken when every row of the logits, gradient/output and soft
 targets starts on 16 bytes (row bytes a multiple of 16, aligned base pointers); otherwise
 the scalar kernel runs (e.g. C = 50257, or an offset view) -- but for the softmax family's
-block kernels (block_cached, block, split), whose 128-bit variants peel each row's head and
-tail (kernels/cuda_vec.py, ``peel``: ``LaunchPlan.peeled``) and so take any row start, as
-long as x and out sit at the same offset from 16 bytes, aligned to the element size.
+block kernels (block_cached, block, split), which then take their peeled 128-bit variant
+(``<name>_peel``, ``LaunchPlan.peeled``: each row's head and tail element by element, the
+rest in 16-byte steps; kernels/cuda_vec.py, ``peel``), as long as x and out sit at the same
+offset from 16 bytes, aligned to the element size.
 
 ``block_cached`` falls back to ``block`` when the kernel cannot opt in to that much shared
 memory (the backend asks the driver). Every kernel loops over its rows with a grid stride,
@@ -41,6 +42,7 @@ STATIC_SMEM = 48 * 1024   # shared memory a block gets without opting in
 SMEM_BUFFERS = 2048       # static shared memory of the kernels (ptxas: at most ~1.6 KiB)
 GRID_PER_SM = 64          # grid cap: blocks per SM (grid-stride loops cover the rest)
 VEC = "_vec"              # kernel name suffix of the 128-bit variant (kernels/cuda_vec.py)
+PEEL = "_peel"            # ... of the peeled 128-bit variant (softmax block kernels)
 VEC_BYTES = 16
 
 # warp kernels: part -> (lanes per row, values per lane held in registers; float64 half)
@@ -151,10 +153,10 @@ def plan_for(n_rows, n_cls, dtype_name, device, family="ce", key=None, strategy=
     if aligned is None:
         aligned = row_aligned(n_cls, dt)
     plan = _plan(n_rows, n_cls, dt, device, family, key, strategy)
-    peeled = family == "softmax" and plan.strategy != "warp"
-    if not (aligned or (peelable and peeled)):
+    peeled = not aligned and peelable and family == "softmax" and plan.strategy != "warp"
+    if not (aligned or peeled):
         return plan
-    names = tuple(n + VEC for n in plan.kernels)
+    names = tuple(n + (PEEL if peeled else VEC) for n in plan.kernels)
     return replace(plan, kernel=names[0], kernels=names, vectorized=True, peeled=peeled)
 
 

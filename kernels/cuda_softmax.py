@@ -25,14 +25,14 @@ from .cuda_vec import access, peel, step_elems
 SOFTMAX, LOG_SOFTMAX, LOGSUMEXP = 0, 1, 2
 
 
-def softmax_signature(dt, kind, vec=False, masked=False):
+def softmax_signature(dt, kind, vec=False, masked=False, peeled=False):
     T = traits(dt)
     st, acc = array(T.storage), array(T.acc)
     i64 = types.int64
     tail = (array(types.boolean), i64) if masked else ()  # mask, m_stride
-    if vec and kind.startswith("warp"):  # the 128-bit warp kernels: int32 views of the rows
+    if vec and not peeled:  # the 128-bit variant reads and writes rows through int32 views
         st = array(types.int32)
-    elif vec:  # the block kernels peel (cuda_vec.peel): x and out as (storage, int32) views
+    elif peeled:  # the block kernels that peel (cuda_vec.peel): x and out as (storage, int32)
         xa = (st, array(types.int32))
         if kind == "split_partial":  # ..., n_split, phase
             return types.void(*xa, acc, i64, i64, i64, i64, *tail)
@@ -47,7 +47,10 @@ def softmax_signature(dt, kind, vec=False, masked=False):
 
 
 @lru_cache(maxsize=None)
-def softmax_kernel(strategy, dt, vec=False, masked=False):
+def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
+    """``vec``: the 128-bit variant for rows on 16 bytes; ``peeled`` (block kernels): the
+    128-bit variant for rows anywhere (cuda_vec.peel)."""
+    vec = vec or peeled
     MASKED = masked
     R = rowmath(dt)
     RD = reductions(R.T.acc_np)
@@ -134,11 +137,11 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
                         AX.store(out, rs + s, sv)
         return softmax_warp if MASKED else _unmasked_main(softmax_warp)
 
-    # Block kernels stream each row through cuda_vec.peel: the 128-bit variant peels the
+    # Block kernels stream each row through cuda_vec.peel: the peeled variant peels the
     # row's head and tail (its edge: one element for each of the first n_edge threads, kept
     # in a register across the passes) around 16-byte steps on the int32 view; the scalar
-    # variant is the same body with K = 1 (no edge).
-    PL = peel(dt, K)
+    # (K = 1) and aligned 128-bit variants are the same body without an edge.
+    PL = peel(dt, K, peeled)
     PEELED = PL.PEELED
 
     if strategy in ("block_cached", "block"):
@@ -158,17 +161,21 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
             for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
-                start = row * n_cls
-                h, rs, n_steps, n_edge = PL.parts(phase, start, n_cls)
+                start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
                 mo = row * m_stride
                 mh = mo + h  # the mask's index of the first middle column
+                # this thread's edge element: its index and value (all that stays live)
                 edge = PEELED and tid < n_edge
                 ec = PL.edge_col(tid, h, n_steps) if edge else i64(0)
+                ee = start + ec
                 ez = NEG_INF
+                e_live = True
                 if edge:
-                    ez = PL.load1(x_elem, start + ec)
-                    if MASKED and not mask[U(mo + ec)]:
-                        ez = NEG_INF
+                    ez = PL.load1(x_elem, ee)
+                    if MASKED:
+                        e_live = mask[U(mo + ec)]
+                        if not e_live:
+                            ez = NEG_INF
                 m = NEG_INF
                 se = ZERO
                 if cached:
@@ -242,10 +249,10 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
                     PL.store(out, rs + s, sv)
                 if edge:
                     v = result(ez, m, inv, log_s, mode, False)
-                    if MASKED and not mask[U(mo + ec)]:
+                    if MASKED and not e_live:
                         v = masked_value(mode)
-                    PL.store1(out_elem, start + ec, v)
-        return _block_entry(softmax_block, "main", vec, MASKED)
+                    PL.store1(out_elem, ee, v)
+        return _block_entry(softmax_block, "main", peeled, MASKED)
 
     if strategy == "split_partial":
         def softmax_split_partial(x_elem, x, ws, n_rows, n_cls, n_split, phase, mask,
@@ -255,12 +262,12 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
             sv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
+            # chunks of the most steps a row has (a peeled row has that or one less)
+            length = (n_cls // K + n_split - 1) // n_split
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
                 chunk = b - row * n_split
-                start = row * n_cls
-                h, rs, n_steps, n_edge = PL.parts(phase, start, n_cls)
-                length = (n_steps + n_split - 1) // n_split
+                start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
                 lo = chunk * length
                 mh = row * m_stride + h
                 m = NEG_INF
@@ -281,7 +288,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
                 if tid == 0:
                     ws[U(2 * b)] = m
                     ws[U(2 * b + 1)] = se
-        return _block_entry(softmax_split_partial, "partial", vec, MASKED)
+        return _block_entry(softmax_split_partial, "partial", peeled, MASKED)
 
     if strategy == "split_finish":
         def softmax_split_finish(x_elem, x, out_elem, out, lse, ws, n_rows, n_cls, mode,
@@ -289,6 +296,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
             sv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
+            length = (n_cls // K + n_split - 1) // n_split  # as in split_partial
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
                 chunk = b - row * n_split
@@ -305,9 +313,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
                     if tid == 0:
                         lse[U(row)] = m + log_s
                     continue
-                start = row * n_cls
-                h, rs, n_steps, n_edge = PL.parts(phase, start, n_cls)
-                length = (n_steps + n_split - 1) // n_split
+                start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
                 lo = chunk * length
                 mh = row * m_stride + h
                 for s in range(lo + tid, min(n_steps, lo + length), bd):
@@ -323,7 +329,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
                     if MASKED and not mask[U(row * m_stride + ec)]:
                         v = masked_value(mode)
                     PL.store1(out_elem, start + ec, v)
-        return _block_entry(softmax_split_finish, "finish", vec, MASKED)
+        return _block_entry(softmax_split_finish, "finish", peeled, MASKED)
 
     raise KeyError(strategy)
 
@@ -341,20 +347,21 @@ def _unmasked_main(body):
 
 # ---- the block kernels' entry points ----------------------------------------------------------
 # Their bodies take x and out twice -- x_elem / out_elem, the storage-dtype views (the rows'
-# edges), and x / out, the int32 views the rows stream through -- and the rows' phase
-# (cuda_vec.peel). The 128-bit kernels take exactly that; the scalar ones keep their signature
-# and pass the storage view as both, phase 0. Unmasked kernels pass x as the mask, never read.
+# edges), and x / out, the views the rows stream through -- and the rows' phase (cuda_vec.peel).
+# The peeled kernels take exactly that; the scalar and aligned 128-bit ones keep their
+# signature and pass their one view as both, phase 0. Unmasked kernels pass x as the mask,
+# never read.
 
-def _block_entry(body, kind, vec, masked):
-    if vec and masked:
+def _block_entry(body, kind, peeled, masked):
+    if peeled and masked:
         return body
     run = device(body)
     if kind == "main":
-        if vec:
-            def softmax_main_vec(x_elem, x, out_elem, out, lse, n_rows, n_cls, mode, phase):
+        if peeled:
+            def softmax_main_peel(x_elem, x, out_elem, out, lse, n_rows, n_cls, mode, phase):
                 run(x_elem, x, out_elem, out, lse, n_rows, n_cls, mode, phase, x_elem,
                     types.int64(0))
-            return softmax_main_vec
+            return softmax_main_peel
         if masked:
             def softmax_main_masked(x, out, lse, n_rows, n_cls, mode, unused, mask, m_stride):
                 run(x, x, out, out, lse, n_rows, n_cls, mode, types.int64(0), mask, m_stride)
@@ -364,10 +371,10 @@ def _block_entry(body, kind, vec, masked):
             run(x, x, out, out, lse, n_rows, n_cls, mode, types.int64(0), x, types.int64(0))
         return softmax_main
     if kind == "partial":
-        if vec:
-            def softmax_partial_vec(x_elem, x, ws, n_rows, n_cls, n_split, phase):
+        if peeled:
+            def softmax_partial_peel(x_elem, x, ws, n_rows, n_cls, n_split, phase):
                 run(x_elem, x, ws, n_rows, n_cls, n_split, phase, x_elem, types.int64(0))
-            return softmax_partial_vec
+            return softmax_partial_peel
         if masked:
             def softmax_partial_masked(x, ws, n_rows, n_cls, n_split, mask, m_stride):
                 run(x, x, ws, n_rows, n_cls, n_split, types.int64(0), mask, m_stride)
@@ -376,12 +383,12 @@ def _block_entry(body, kind, vec, masked):
         def softmax_partial(x, ws, n_rows, n_cls, n_split):
             run(x, x, ws, n_rows, n_cls, n_split, types.int64(0), x, types.int64(0))
         return softmax_partial
-    if vec:
-        def softmax_finish_vec(x_elem, x, out_elem, out, lse, ws, n_rows, n_cls, mode, n_split,
+    if peeled:
+        def softmax_finish_peel(x_elem, x, out_elem, out, lse, ws, n_rows, n_cls, mode, n_split,
                                phase):
             run(x_elem, x, out_elem, out, lse, ws, n_rows, n_cls, mode, n_split, phase, x_elem,
                 types.int64(0))
-        return softmax_finish_vec
+        return softmax_finish_peel
     if masked:
         def softmax_finish_masked(x, out, lse, ws, n_rows, n_cls, mode, n_split, mask,
                                   m_stride):

@@ -360,7 +360,7 @@ def word_view_skip(phase, dt):
 
 
 @lru_cache(maxsize=None)
-def peel(dt, K):
+def peel(dt, K, edges=True):
     """128-bit streaming of rows that need not start on 16 bytes (any C, offset views).
 
     A kernel takes each row array twice: ``xs``, its storage-dtype view, and ``xw``, an int32
@@ -379,11 +379,14 @@ def peel(dt, K):
     never touches the neighbouring row's elements (another block owns them), and no access
     leaves the array. An aligned row is the case h = n_edge = 0.
 
-    ``parts(phase, start, n_cls)`` -> (h, first, n_mid, n_edge) for the row whose first
-    element is element ``start`` of the arrays: column h + s*K + k is value k of word-view
-    step first + s. ``edge_col(q, h, n_mid)``: the column of edge element q (0 <= q <
-    n_edge; the head, then the tail). K = 1 is the scalar variant: no edge, every element
-    a step (pass the storage view as both views, phase 0). ``PEELED``: K > 1.
+    ``parts(phase, row, n_cls)`` -> (start, h, first, n_mid, n_edge) for row ``row`` of
+    n_cls elements: its first element is element ``start`` of the arrays, and column
+    h + s*K + k is value k of word-view step first + s. ``edge_col(q, h, n_mid)``: the column of edge element q (0 <= q <
+    n_edge; the head, then the tail). ``PEELED``: K > 1 and ``edges``. Without it there is
+    no edge and the word view is the whole array (pass it as both views, phase 0): K = 1,
+    the scalar variant (every element a step of the storage view), or ``edges=False``,
+    the aligned variant (every row starts on 16 bytes and C is a multiple of K), so one
+    kernel body serves all three.
 
     The simulator runs these same functions; its ld4/st4 check that every 128-bit access is
     16-byte aligned and inside its array.
@@ -391,20 +394,22 @@ def peel(dt, K):
     T = traits(dt)
     AX = access(dt, K)
     LOG_K = K.bit_length() - 1
-    PEELED = K > 1
+    PEELED = K > 1 and edges
     i64 = types.int64
 
     @device
-    def parts(phase, start, n_cls):
-        if not PEELED:
-            return i64(0), start, n_cls, i64(0)
+    def parts(phase, row, n_cls):
+        start = row * n_cls
+        if not PEELED:  # (row x steps per row: cheaper loops than start / K, in ptxas)
+            n_steps = n_cls // K
+            return start, i64(0), row * n_steps, n_steps, i64(0)
         at = phase + start  # elements from a 16-byte boundary
         h = (-at) & (K - 1)
         if h > n_cls:
             h = n_cls
         n_mid = (n_cls - h) >> LOG_K
         first = ((at + h) >> LOG_K) - (1 if phase else 0)  # the view starts a chunk in
-        return h, first, n_mid, n_cls - (n_mid << LOG_K)
+        return start, h, first, n_mid, n_cls - (n_mid << LOG_K)
 
     @device
     def edge_col(q, h, n_mid):

@@ -349,8 +349,9 @@ def _guards(buf, rows_size, phase):
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("strategy", PEEL_STRATEGIES)
 def test_peeled_softmax_rows(strategy, dt, layout, monkeypatch):
-    """The block kernels' 128-bit variants take rows at any offset from 16 bytes: the head
-    and tail element by element, the middle in 16-byte steps. softmax into the rows of a
+    """The block kernels' peeled 128-bit variants take rows at any offset from 16 bytes: the
+    head and tail element by element, the middle in 16-byte steps (aligned rows: the _vec
+    variants). softmax into the rows of a
     junk-filled larger buffer: every element written (against the reference), the guards
     either side (in the rows' first and last 16-byte chunks) untouched, so no store strays
     into a neighbour's elements. Offset views: log_softmax in place the same way, and an
@@ -371,19 +372,20 @@ def test_peeled_softmax_rows(strategy, dt, layout, monkeypatch):
     guards = _guards(obuf, x.size, phase)
     with _cuda.force_strategy(strategy):
         gpuce.softmax(xd, out=out)
-        assert launched and all(n.endswith("_vec") for n in launched), launched
+        variant = "_vec" if layout == "aligned" else "_peel"
+        assert launched and all(n.endswith(variant) for n in launched), launched
         np.testing.assert_array_equal(_guards(obuf, x.size, phase), guards, "softmax's guards")
         check_array(out._ary, ref_softmax(x), dt, f"softmax {layout}")
         if layout != "offset_view":
             return
         launched.clear()
         sm = KIND.back(gpuce.softmax(xd))  # a fresh output: another phase than x
-        assert launched and not any(n.endswith("_vec") for n in launched), launched
+        assert launched and not any(n.endswith(("_vec", "_peel")) for n in launched), launched
         check_array(sm, ref_softmax(x), dt, "softmax, output at another offset")
         guards = _guards(xbuf, x.size, phase)
         launched.clear()
         gpuce.log_softmax(xd, out=xd)  # in place
-        assert launched and all(n.endswith("_vec") for n in launched), launched
+        assert launched and all(n.endswith("_peel") for n in launched), launched
     np.testing.assert_array_equal(_guards(xbuf, x.size, phase), guards, "in place: guards")
     check_array(xd._ary, ref_log_softmax(x), dt, "log_softmax in place")
 
@@ -397,9 +399,11 @@ def test_peel_row_parts():
         K = P.K
         for phase in range(K):
             skip = word_view_skip(phase, dt)
-            for start in range(0, 3 * K):
-                for n_cls in range(0, 3 * K + 2):
-                    h, first, n_mid, n_edge = (int(v) for v in P.parts(phase, start, n_cls))
+            for n_cls in range(0, 3 * K + 2):
+                for row in range(3 * K):
+                    start, h, first, n_mid, n_edge = (int(v) for v in
+                                                      P.parts(phase, row, n_cls))
+                    assert start == row * n_cls
                     cols = [int(P.edge_col(q, h, n_mid)) for q in range(n_edge)]
                     mid = [h + s * K + k for s in range(n_mid) for k in range(K)]
                     assert sorted(cols + mid) == list(range(n_cls)), (phase, start, n_cls)
