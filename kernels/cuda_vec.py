@@ -381,8 +381,10 @@ def peel(dt, K, edges=True):
 
     ``parts(phase, row, n_cls)`` -> (start, h, first, n_mid, n_edge) for row ``row`` of
     n_cls elements: its first element is element ``start`` of the arrays, and column
-    h + s*K + k is value k of word-view step first + s. ``edge_col(q, h, n_mid)``: the column of edge element q (0 <= q <
-    n_edge; the head, then the tail). ``PEELED``: K > 1 and ``edges``. Without it there is
+    h + s*K + k is value k of word-view step first + s. ``edge_col(q, h, n_mid)``: the
+    column of edge element q (0 <= q < n_edge; the head, then the tail) -- e.g. thread q
+    of the row's block takes it, once per row, and keeps its value in a register.
+    ``PEELED``: K > 1 and ``edges``. Without it there is
     no edge and the word view is the whole array (pass it as both views, phase 0): K = 1,
     the scalar variant (every element a step of the storage view), or ``edges=False``,
     the aligned variant (every row starts on 16 bytes and C is a multiple of K), so one
