@@ -32,6 +32,7 @@ from ._cuda_plan import (MAX_BLOCK, SMEM_BUFFERS, STATIC_SMEM, DeviceLimits, pla
 from .kernels import cuda_registry
 from .kernels.cuda_dtypes import SIMULATOR, traits
 from .kernels.cuda_softmax import LOG_SOFTMAX, LOGSUMEXP, SOFTMAX
+from .kernels.cuda_vec import row_phase, step_elems, word_view_skip
 
 if SIMULATOR:
     from .kernels import cuda_simulator
@@ -166,19 +167,21 @@ def _allow_smem(name, key, nbytes, dev):
     return _BIG_SMEM[ck]
 
 
-def _plan(family, n_rows, n_cls, dt, dev, key=None, aligned=False, masked=False):
+def _plan(family, n_rows, n_cls, dt, dev, key=None, aligned=False, masked=False,
+          peelable=False):
     """The launch plan (gpuce/_cuda_plan.py), with a forced strategy and the driver's
     answer to block_cached's shared-memory opt-in; ``masked`` names the class-mask
     variants of its kernels."""
     forced = _forced_strategy()
-    plan = _masked_plan(plan_for(n_rows, n_cls, dt, dev, family, key, forced, aligned), masked)
+    plan = _masked_plan(plan_for(n_rows, n_cls, dt, dev, family, key, forced, aligned,
+                                 peelable), masked)
     if plan.strategy == "block_cached" and not _allow_smem(plan.kernel, plan.key,
                                                            plan.shared_bytes, dev):
         if forced:
             raise ValueError(f"strategy: block_cached cannot hold {n_cls} {dt} values per "
                              f"row in shared memory on this device")
-        plan = _masked_plan(plan_for(n_rows, n_cls, dt, dev, family, key, "block", aligned),
-                            masked)
+        plan = _masked_plan(plan_for(n_rows, n_cls, dt, dev, family, key, "block", aligned,
+                                     peelable), masked)
     return plan
 
 
@@ -259,27 +262,35 @@ class CudaBackend:
 
     def _run_softmax(self, lib, rows, dest, lse_v, n_rows, n_cls, dt, mode, stream, mask=None):
         T = traits(dt)
-        aligned = row_aligned(n_cls, dt, lib.ptr(rows), *(() if dest is None
-                                                          else (lib.ptr(dest),)))
+        ptrs = (lib.ptr(rows),) + (() if dest is None else (lib.ptr(dest),))
+        phase = row_phase(ptrs[0], dt)  # the peeling kernels take x and out at one phase
         plan = _plan("softmax", n_rows, n_cls, dt, _device_limits(lib.device(rows)),
-                     aligned=aligned, masked=mask is not None)
+                     aligned=row_aligned(n_cls, dt, *ptrs), masked=mask is not None,
+                     peelable=phase is not None and all(p % 16 == ptrs[0] % 16 for p in ptrs))
         mask_args = () if mask is None else mask  # (mask view, m_stride)
         view = _WORDS if plan.vectorized else T.raw
-        x_v = lib.kview(rows, view)
+        if plan.peeled:  # (storage view, int32 view from the first 16-byte boundary)
+            x_v = (lib.kview(rows, T.raw), _word_view(lib, rows, phase, dt))
+            out_v = (x_v if dest is None else
+                     (lib.kview(dest, T.raw), _word_view(lib, dest, phase, dt)))
+            tail = (np.int64(phase),)
+        else:
+            x_v = (lib.kview(rows, view),)
+            out_v = x_v if dest is None else (lib.kview(dest, view),)
+            tail = () if plan.part == "split" else (np.int64(0),)  # (an unused argument)
         # stand-ins for the output this mode does not write
-        out_v = x_v if dest is None else lib.kview(dest, view)
         lse_v = _stand_in(lib, rows, T.acc_name) if lse_v is None else lse_v
         ints = (np.int64(n_rows), np.int64(n_cls), np.int64(mode))
         if plan.part == "split":
             ws = lib.kview(lib.empty(rows, (2 * n_rows * plan.n_split,), T.acc_name),
                            np.dtype(T.acc_name))
-            _launch(plan.kernels[0], dt, plan.grid, plan.block, stream, 0, x_v, ws,
-                    ints[0], ints[1], np.int64(plan.n_split), *mask_args)
-            _launch(plan.kernels[1], dt, plan.grid, plan.block, stream, 0, x_v, out_v,
-                    lse_v, ws, *ints, np.int64(plan.n_split), *mask_args)
+            _launch(plan.kernels[0], dt, plan.grid, plan.block, stream, 0, *x_v, ws,
+                    ints[0], ints[1], np.int64(plan.n_split), *tail, *mask_args)
+            _launch(plan.kernels[1], dt, plan.grid, plan.block, stream, 0, *x_v, *out_v,
+                    lse_v, ws, *ints, np.int64(plan.n_split), *tail, *mask_args)
         else:
-            _launch(plan.kernel, dt, plan.grid, plan.block, stream, plan.shared_bytes, x_v,
-                    out_v, lse_v, *ints, np.int64(0), *mask_args)
+            _launch(plan.kernel, dt, plan.grid, plan.block, stream, plan.shared_bytes, *x_v,
+                    *out_v, lse_v, *ints, *tail, *mask_args)
 
     def _mask_view(self, class_mask, per_row, axis, n_cls, stream):
         """(bool kernel view of a checked class mask laid out like the rows, its row stride:
@@ -505,6 +516,14 @@ _SMALL_BLOCK = 64 if SIMULATOR else MAX_BLOCK  # threads of the one-block helper
 
 _F64 = np.dtype(np.float64)
 _WORDS = np.dtype(np.int32)  # the 128-bit kernels' view of rows
+
+
+def _word_view(lib, a, phase, dt):
+    """The int32 view a peeling kernel streams (kernels/cuda_vec.py, ``peel``): a's whole
+    16-byte chunks, from its first 16-byte boundary (possibly empty)."""
+    skip = word_view_skip(phase, dt)
+    n = max(0, lib.numel(a) - skip) // step_elems(dt) * step_elems(dt)
+    return lib.kview(lib.reshape(a, (-1,))[skip:skip + n], _WORDS)
 
 
 def _grid_for(n):

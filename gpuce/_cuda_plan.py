@@ -37,7 +37,11 @@ threads (80-96 registers: one 512-thread block per SM; a 2-block bound spills).
 Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4 fp32, 8
 fp16/bf16 or 2 fp64 values), taken when every row of the logits, gradient/output and soft
 targets starts on 16 bytes (row bytes a multiple of 16, aligned base pointers); otherwise
-the scalar kernel runs (e.g. C = 50257, or an offset view).
+the scalar kernel runs (e.g. C = 50257, or an offset view) -- but for the softmax family's
+block kernels (block_cached, block, split), which then take their peeled 128-bit variant
+(``<name>_peel``, ``LaunchPlan.peeled``: each row's head and tail element by element, the
+rest in 16-byte steps; kernels/cuda_vec.py, ``peel``), as long as x and out sit at the same
+offset from 16 bytes, aligned to the element size.
 
 ``block_cached`` falls back to ``block`` when the kernel cannot opt in to that much shared
 memory (the backend asks the driver). Every kernel loops over its rows with a grid stride,
@@ -54,6 +58,7 @@ STATIC_SMEM = 48 * 1024   # shared memory a block gets without opting in
 SMEM_BUFFERS = 2048       # static shared memory of the kernels (ptxas: at most ~1.6 KiB)
 GRID_PER_SM = 64          # grid cap: blocks per SM (grid-stride loops cover the rest)
 VEC = "_vec"              # kernel name suffix of the 128-bit variant (kernels/cuda_vec.py)
+PEEL = "_peel"            # ... of the peeled 128-bit variant (softmax block kernels)
 VEC_BYTES = 16
 
 # warp kernels, smallest first: part -> (lanes per row, values per lane held in registers;
@@ -120,7 +125,8 @@ class LaunchPlan:
     block: int             # threads per block
     shared_bytes: int      # dynamic shared memory per block
     n_split: int = 0       # blocks per row (split)
-    vectorized: bool = False   # the 128-bit (16-byte aligned rows) variant
+    vectorized: bool = False   # the 128-bit variant (16-byte aligned rows, or peeled)
+    peeled: bool = False   # ... that peels rows: takes (storage, int32) views and the phase
     kernels: tuple = field(default=())  # every kernel name launched, in order
     launch_bound: int = MAX_BLOCK       # max threads per block compiled into the kernel
     min_blocks: int = 1    # resident blocks per SM the launch bound asks of the compiler
@@ -174,21 +180,24 @@ def block_threads(n_cls, device):
 
 
 def plan_for(n_rows, n_cls, dtype_name, device, family="ce", key=None, strategy=None,
-             aligned=None):
+             aligned=None, peelable=True):
     """The LaunchPlan for n_rows x n_cls logits of ``dtype_name`` on ``device``.
     ``strategy`` forces one (ValueError if it cannot hold the row); ``key`` defaults to the
     dtype (cross entropy with half logits and float32 soft targets passes (dt, "float32")).
     ``aligned``: every row (and output row) starts on 16 bytes, so the 128-bit variant
     (kernel names ending in ``_vec``) runs; None assumes freshly allocated arrays (aligned
-    when C x element size is a multiple of 16)."""
+    when C x element size is a multiple of 16). ``peelable``: the row arrays' addresses
+    are aligned to the element size and equal modulo 16 (true of fresh arrays and in-place
+    calls), so a peeling kernel takes unaligned rows too."""
     dt = dtype_name
     if aligned is None:
         aligned = row_aligned(n_cls, dt)
     plan = _plan(n_rows, n_cls, dt, device, family, key, strategy)
-    if not aligned:
+    peeled = not aligned and peelable and family == "softmax" and plan.strategy != "warp"
+    if not (aligned or peeled):
         return plan
-    names = tuple(n + VEC for n in plan.kernels)
-    return replace(plan, kernel=names[0], kernels=names, vectorized=True)
+    names = tuple(n + (PEEL if peeled else VEC) for n in plan.kernels)
+    return replace(plan, kernel=names[0], kernels=names, vectorized=True, peeled=peeled)
 
 
 def row_aligned(n_cls, dt, *pointers):

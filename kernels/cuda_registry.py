@@ -5,7 +5,8 @@ the logits' storage dtype for the main kernels (for cross entropy also a (logits
 targets) pair: half logits with float32 probabilities), the accumulator dtype for the
 helpers, and a (source, destination) pair for ``convert``. ``all_specs()`` lists every combination gpuce can
 launch, for the PTX compile test and benchmarks/ptx_report.py. A main kernel's name ending in
-``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned).
+``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned);
+``_peel`` the softmax block kernels' 128-bit variant for rows anywhere (cuda_vec.peel).
 """
 from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, _INT_TYPES,
                                  ce_kernel, ce_signature, check_masked_targets_kernel,
@@ -20,6 +21,8 @@ from .cuda_softmax import softmax_kernel, softmax_signature
 STRATEGIES = ("warp", "block_cached", "block", "split")
 HALF_SOFT = ("float16", "bfloat16")  # half logits also run with float32 soft targets
 VEC = "_vec"  # name suffix of the 128-bit variant (rows 16-byte aligned; see cuda_vec)
+PEEL = "_peel"  # ... of the softmax block kernels' 128-bit variant for rows anywhere
+PEELED_PARTS = ("block_cached", "block", "split_partial", "split_finish")
 MASKED = "_masked"  # name part of the class-mask variant: <family>_<part>_masked[_vec]
 _PARTS = (*WARP_SHAPES, "block_cached", "block", "split_partial", "split_finish")
 
@@ -37,8 +40,9 @@ def _bound(part, family="ce", dt=None):
 
 def masked_name(name):
     """The class-mask variant's name of kernel ``name`` (``ce_block_vec`` -> ``ce_block_masked_vec``)."""
-    if name.endswith(VEC):
-        return name[:-len(VEC)] + MASKED + VEC
+    for suffix in (VEC, PEEL):
+        if name.endswith(suffix):
+            return name[:-len(suffix)] + MASKED + suffix
     return name + MASKED
 
 
@@ -46,13 +50,18 @@ def spec(name, key):
     vec = name.endswith(VEC)
     if vec:
         name = name[:-len(VEC)]
+    peeled = name.endswith(PEEL)
+    if peeled:
+        name = name[:-len(PEEL)]
     masked = name.endswith(MASKED)
     if masked:
         name = name[:-len(MASKED)]
     if name.startswith("softmax_"):
         part = name[len("softmax_"):]
-        return (softmax_kernel(part, key, vec, masked), softmax_signature(key, part, vec, masked),
-                _bound(part, "softmax", key))
+        if peeled and part not in PEELED_PARTS:
+            raise KeyError(name + PEEL)
+        return (softmax_kernel(part, key, vec, masked, peeled),
+                softmax_signature(key, part, vec, masked, peeled), _bound(part, "softmax", key))
     if name == "ce_target_stats":
         return target_stats_kernel(key), stats_signature(key), MAX_BLOCK
     if name == "ce_mask_live":
@@ -76,6 +85,7 @@ def all_specs(main_only=False):
     main kernels (masked_specs)."""
     out = [(f"{fam}_{part}{v}", dt) for fam in ("softmax", "ce") for part in _PARTS
            for dt in DTYPES for v in ("", VEC)]
+    out += [(f"softmax_{part}{PEEL}", dt) for part in PEELED_PARTS for dt in DTYPES]
     out += [(f"ce_{part}{v}", (dt, "float32")) for part in _PARTS for dt in HALF_SOFT
             for v in ("", VEC)]
     if main_only:

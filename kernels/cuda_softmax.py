@@ -20,18 +20,25 @@ from .cuda_cross_entropy import U, WARP_SHAPES, warp_shape
 from .cuda_dtypes import array, device, traits
 from .cuda_reduce import reductions
 from .cuda_rowmath import rowmath
-from .cuda_vec import access, step_elems
+from .cuda_vec import access, peel, step_elems
 
 SOFTMAX, LOG_SOFTMAX, LOGSUMEXP = 0, 1, 2
 
 
-def softmax_signature(dt, kind, vec=False, masked=False):
+def softmax_signature(dt, kind, vec=False, masked=False, peeled=False):
     T = traits(dt)
     st, acc = array(T.storage), array(T.acc)
-    if vec:  # the 128-bit variant reads and writes rows through int32 views
-        st = array(types.int32)
     i64 = types.int64
     tail = (array(types.boolean), i64) if masked else ()  # mask, m_stride
+    if vec and not peeled:  # the 128-bit variant reads and writes rows through int32 views
+        st = array(types.int32)
+    elif peeled:  # the block kernels that peel (cuda_vec.peel): x and out as (storage, int32)
+        xa = (st, array(types.int32))
+        if kind == "split_partial":  # ..., n_split, phase
+            return types.void(*xa, acc, i64, i64, i64, i64, *tail)
+        if kind == "split_finish":
+            return types.void(*xa, *xa, acc, acc, i64, i64, i64, i64, i64, *tail)
+        return types.void(*xa, *xa, acc, i64, i64, i64, i64, *tail)  # ..., mode, phase
     if kind == "split_partial":
         return types.void(st, acc, i64, i64, i64, *tail)
     if kind == "split_finish":
@@ -40,7 +47,10 @@ def softmax_signature(dt, kind, vec=False, masked=False):
 
 
 @lru_cache(maxsize=None)
-def softmax_kernel(strategy, dt, vec=False, masked=False):
+def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
+    """``vec``: the 128-bit variant for rows on 16 bytes; ``peeled`` (block kernels): the
+    128-bit variant for rows anywhere (cuda_vec.peel)."""
+    vec = vec or peeled
     MASKED = masked
     R = rowmath(dt)
     RD = reductions(R.T.acc_np)
@@ -127,13 +137,21 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
                         AX.store(out, rs + s, sv)
         return softmax_warp if MASKED else _unmasked_main(softmax_warp)
 
+    # Block kernels stream each row through cuda_vec.peel: the peeled variant peels the
+    # row's head and tail (its edge: one element for each of the first n_edge threads, kept
+    # in a register across the passes) around 16-byte steps on the int32 view; the scalar
+    # (K = 1) and aligned 128-bit variants are the same body without an edge.
+    PL = peel(dt, K, peeled)
+    PEELED = PL.PEELED
+
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
         RAWC = cached and dt in ("float16", "bfloat16")  # half rows cached as stored
-        RAW = AX.RAW if RAWC else acc
-        NW = AX.NW if RAWC else 1
+        RAW = PL.RAW if RAWC else acc
+        NW = PL.NW if RAWC else 1
 
-        def softmax_block(x, out, lse, n_rows, n_cls, mode, unused, mask, m_stride):
+        def softmax_block(x_elem, x, out_elem, out, lse, n_rows, n_cls, mode, phase, mask,
+                          m_stride):
             cache = cuda.shared.array(0, acc)
             cache_r = cuda.shared.array(0, RAW)
             buf_m = cuda.shared.array(32, acc)
@@ -142,51 +160,69 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
             rv = cuda.local.array(NW, RAW)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
-            n_steps = n_cls // K
             for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
-                rs = row * n_steps
+                start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
                 mo = row * m_stride
+                mh = mo + h  # the mask's index of the first middle column
+                # this thread's edge element: its index and value (all that stays live)
+                edge = PEELED and tid < n_edge
+                ec = PL.edge_col(tid, h, n_steps) if edge else i64(0)
+                ee = start + ec
+                ez = NEG_INF
+                e_live = True
+                if edge:
+                    ez = PL.load1(x_elem, ee)
+                    if MASKED:
+                        e_live = mask[U(mo + ec)]
+                        if not e_live:
+                            ez = NEG_INF
                 m = NEG_INF
                 se = ZERO
                 if cached:
                     for s in range(tid, n_steps, bd):
                         if RAWC:
-                            AX.raw(x, rs + s, rv)
+                            PL.raw(x, rs + s, rv)
                             for j in range(NW):
                                 cache_r[U(s * NW + j)] = rv[j]
-                            AX.unpack_raw(rv, sv)
+                            PL.unpack_raw(rv, sv)
                         else:
-                            AX.load(x, rs + s, sv)
+                            PL.load(x, rs + s, sv)
                         if MASKED:
-                            R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
+                            R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
                         for k in range(K):
                             z = sv[k]
                             if not RAWC:
                                 cache[U(s * K + k)] = z
                             if z > m:
                                 m = z
+                    if ez > m:
+                        m = ez
                     m = R.finite_max(RD.block_max(m, buf_m))
                     for s in range(tid, n_steps, bd):
                         if RAWC:
                             for j in range(NW):
                                 rv[j] = cache_r[U(s * NW + j)]
-                            AX.unpack_raw(rv, sv)
+                            PL.unpack_raw(rv, sv)
                             if MASKED:
-                                R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
+                                R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
                         for k in range(K):
                             c = s * K + k
                             e = math.exp((sv[k] if RAWC else cache[U(c)]) - m)
                             se += e
                             if mode == SOFTMAX and not RAWC:
                                 cache[U(c)] = e  # each thread only touches its own columns
+                    if edge:
+                        se += math.exp(ez - m)
                     se = RD.block_sum(se, buf_s)
                 else:
                     for s in range(tid, n_steps, bd):
-                        AX.load(x, rs + s, sv)
+                        PL.load(x, rs + s, sv)
                         if MASKED:
-                            R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
+                            R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
                         for k in range(K):
                             m, se = R.online(m, se, sv[k])
+                    if edge:
+                        m, se = R.online(m, se, ez)
                     m, se = RD.block_merge(m, se, buf_m, buf_s)
                     m = R.finite_max(m)
                 inv, log_s = row_end(se, m)
@@ -198,55 +234,69 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
                     if RAWC:
                         for j in range(NW):
                             rv[j] = cache_r[U(s * NW + j)]
-                        AX.unpack_raw(rv, sv)
+                        PL.unpack_raw(rv, sv)
                         for k in range(K):
                             sv[k] = result(sv[k], m, inv, log_s, mode, False)
                     elif cached:
                         for k in range(K):
                             sv[k] = result(cache[U(s * K + k)], m, inv, log_s, mode, True)
                     else:
-                        AX.load(x, rs + s, sv)
+                        PL.load(x, rs + s, sv)
                         for k in range(K):
                             sv[k] = result(sv[k], m, inv, log_s, mode, False)
                     if MASKED:
-                        R.mask_out(sv, mask, mo + s * K, K, masked_value(mode))
-                    AX.store(out, rs + s, sv)
-        return softmax_block if MASKED else _unmasked_main(softmax_block)
+                        R.mask_out(sv, mask, mh + s * K, K, masked_value(mode))
+                    PL.store(out, rs + s, sv)
+                if edge:
+                    v = result(ez, m, inv, log_s, mode, False)
+                    if MASKED and not e_live:
+                        v = masked_value(mode)
+                    PL.store1(out_elem, ee, v)
+        return _block_entry(softmax_block, "main", peeled, MASKED)
 
     if strategy == "split_partial":
-        def softmax_split_partial(x, ws, n_rows, n_cls, n_split, mask, m_stride):
+        def softmax_split_partial(x_elem, x, ws, n_rows, n_cls, n_split, phase, mask,
+                                  m_stride):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
             sv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
-            n_steps = n_cls // K
-            length = (n_steps + n_split - 1) // n_split
+            # chunks of the most steps a row has (a peeled row has that or one less)
+            length = (n_cls // K + n_split - 1) // n_split
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
-                lo = (b - row * n_split) * length
-                rs = row * n_steps
+                chunk = b - row * n_split
+                start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
+                lo = chunk * length
+                mh = row * m_stride + h
                 m = NEG_INF
                 se = ZERO
                 for s in range(lo + tid, min(n_steps, lo + length), bd):
-                    AX.load(x, rs + s, sv)
+                    PL.load(x, rs + s, sv)
                     if MASKED:
-                        R.mask_out(sv, mask, row * m_stride + s * K, K, NEG_INF)
+                        R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
                     for k in range(K):
                         m, se = R.online(m, se, sv[k])
+                if PEELED and chunk == 0 and tid < n_edge:  # the first chunk takes the edge
+                    ec = PL.edge_col(tid, h, n_steps)
+                    z = PL.load1(x_elem, start + ec)
+                    if MASKED and not mask[U(row * m_stride + ec)]:
+                        z = NEG_INF
+                    m, se = R.online(m, se, z)
                 m, se = RD.block_merge(m, se, buf_m, buf_s)
                 if tid == 0:
                     ws[U(2 * b)] = m
                     ws[U(2 * b + 1)] = se
-        return softmax_split_partial if MASKED else _unmasked_partial(softmax_split_partial)
+        return _block_entry(softmax_split_partial, "partial", peeled, MASKED)
 
     if strategy == "split_finish":
-        def softmax_split_finish(x, out, lse, ws, n_rows, n_cls, mode, n_split, mask, m_stride):
+        def softmax_split_finish(x_elem, x, out_elem, out, lse, ws, n_rows, n_cls, mode,
+                                 n_split, phase, mask, m_stride):
             sv = cuda.local.array(K, acc)
             tid = i64(cuda.threadIdx.x)
             bd = i64(cuda.blockDim.x)
-            n_steps = n_cls // K
-            length = (n_steps + n_split - 1) // n_split
+            length = (n_cls // K + n_split - 1) // n_split  # as in split_partial
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
                 chunk = b - row * n_split
@@ -263,16 +313,23 @@ def softmax_kernel(strategy, dt, vec=False, masked=False):
                     if tid == 0:
                         lse[U(row)] = m + log_s
                     continue
-                rs = row * n_steps
+                start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
                 lo = chunk * length
+                mh = row * m_stride + h
                 for s in range(lo + tid, min(n_steps, lo + length), bd):
-                    AX.load(x, rs + s, sv)
+                    PL.load(x, rs + s, sv)
                     for k in range(K):
                         sv[k] = result(sv[k], m, inv, log_s, mode, False)
                     if MASKED:
-                        R.mask_out(sv, mask, row * m_stride + s * K, K, masked_value(mode))
-                    AX.store(out, rs + s, sv)
-        return softmax_split_finish if MASKED else _unmasked_finish(softmax_split_finish)
+                        R.mask_out(sv, mask, mh + s * K, K, masked_value(mode))
+                    PL.store(out, rs + s, sv)
+                if PEELED and chunk == 0 and tid < n_edge:
+                    ec = PL.edge_col(tid, h, n_steps)
+                    v = result(PL.load1(x_elem, start + ec), m, inv, log_s, mode, False)
+                    if MASKED and not mask[U(row * m_stride + ec)]:
+                        v = masked_value(mode)
+                    PL.store1(out_elem, start + ec, v)
+        return _block_entry(softmax_split_finish, "finish", peeled, MASKED)
 
     raise KeyError(strategy)
 
@@ -288,17 +345,58 @@ def _unmasked_main(body):
     return softmax_main
 
 
-def _unmasked_partial(body):
+# ---- the block kernels' entry points ----------------------------------------------------------
+# Their bodies take x and out twice -- x_elem / out_elem, the storage-dtype views (the rows'
+# edges), and x / out, the views the rows stream through -- and the rows' phase (cuda_vec.peel).
+# The peeled kernels take exactly that; the scalar and aligned 128-bit ones keep their
+# signature and pass their one view as both, phase 0. Unmasked kernels pass x as the mask,
+# never read.
+
+def _block_entry(body, kind, peeled, masked):
+    if peeled and masked:
+        return body
     run = device(body)
+    if kind == "main":
+        if peeled:
+            def softmax_main_peel(x_elem, x, out_elem, out, lse, n_rows, n_cls, mode, phase):
+                run(x_elem, x, out_elem, out, lse, n_rows, n_cls, mode, phase, x_elem,
+                    types.int64(0))
+            return softmax_main_peel
+        if masked:
+            def softmax_main_masked(x, out, lse, n_rows, n_cls, mode, unused, mask, m_stride):
+                run(x, x, out, out, lse, n_rows, n_cls, mode, types.int64(0), mask, m_stride)
+            return softmax_main_masked
 
-    def softmax_partial(x, ws, n_rows, n_cls, n_split):
-        run(x, ws, n_rows, n_cls, n_split, x, types.int64(0))
-    return softmax_partial
+        def softmax_main(x, out, lse, n_rows, n_cls, mode, unused):
+            run(x, x, out, out, lse, n_rows, n_cls, mode, types.int64(0), x, types.int64(0))
+        return softmax_main
+    if kind == "partial":
+        if peeled:
+            def softmax_partial_peel(x_elem, x, ws, n_rows, n_cls, n_split, phase):
+                run(x_elem, x, ws, n_rows, n_cls, n_split, phase, x_elem, types.int64(0))
+            return softmax_partial_peel
+        if masked:
+            def softmax_partial_masked(x, ws, n_rows, n_cls, n_split, mask, m_stride):
+                run(x, x, ws, n_rows, n_cls, n_split, types.int64(0), mask, m_stride)
+            return softmax_partial_masked
 
-
-def _unmasked_finish(body):
-    run = device(body)
+        def softmax_partial(x, ws, n_rows, n_cls, n_split):
+            run(x, x, ws, n_rows, n_cls, n_split, types.int64(0), x, types.int64(0))
+        return softmax_partial
+    if peeled:
+        def softmax_finish_peel(x_elem, x, out_elem, out, lse, ws, n_rows, n_cls, mode, n_split,
+                               phase):
+            run(x_elem, x, out_elem, out, lse, ws, n_rows, n_cls, mode, n_split, phase, x_elem,
+                types.int64(0))
+        return softmax_finish_peel
+    if masked:
+        def softmax_finish_masked(x, out, lse, ws, n_rows, n_cls, mode, n_split, mask,
+                                  m_stride):
+            run(x, x, out, out, lse, ws, n_rows, n_cls, mode, n_split, types.int64(0), mask,
+                m_stride)
+        return softmax_finish_masked
 
     def softmax_finish(x, out, lse, ws, n_rows, n_cls, mode, n_split):
-        run(x, out, lse, ws, n_rows, n_cls, mode, n_split, x, types.int64(0))
+        run(x, x, out, out, lse, ws, n_rows, n_cls, mode, n_split, types.int64(0), x,
+            types.int64(0))
     return softmax_finish

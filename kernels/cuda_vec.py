@@ -3,9 +3,10 @@
 A kernel's rows are read and written in *steps* of K elements: K = 1 (the scalar variant, on
 the storage-dtype arrays) or K = 16 bytes / element size (the vectorised variant: fp32 4,
 fp16/bf16 8, fp64 2), on an int32 view of the same memory, one ``ld.global.v4.u32`` /
-``st.global.v4.u32`` per step. The vectorised variant needs every row start 16-byte aligned
-(the base pointer, and C x element size a multiple of 16): the host checks that and takes
-the scalar variant otherwise.
+``st.global.v4.u32`` per step. ``access`` needs every row start 16-byte aligned (the base
+pointer, and C x element size a multiple of 16); ``peel`` (below) lifts that: a row's head
+and tail go element by element, its aligned middle through ``access``. Kernels without it
+take the scalar variant when rows are not aligned (the host checks).
 
 ``access(dt, K)`` gives ``load(a, step, vals)`` (K values of step ``step`` into the local
 array ``vals``, in the accumulator dtype) and ``store(a, step, vals)`` (rounded once to the
@@ -33,12 +34,27 @@ def step_elems(dt):
 
 
 if SIMULATOR:
+    def _words_at(a, i):
+        """The numpy array under a simulated kernel argument, after checking that words
+        i..i+3 lie inside it and start on 16 bytes (what ld4/st4 ask of the GPU; a wrong
+        peel shows up here, not only as a wrong value)."""
+        arr = a
+        while not isinstance(arr, np.ndarray):
+            arr = arr.__dict__["_item"] if "_item" in arr.__dict__ else arr._ary
+        if not 0 <= i <= arr.size - 4:
+            raise IndexError(f"128-bit access to words {i}..{i + 3} of {arr.size}")
+        if (arr.__array_interface__["data"][0] + 4 * i) % BYTES:
+            raise ValueError(f"128-bit access to word {i}: not 16-byte aligned")
+        return arr
+
     def ld4(a, i):
         i = int(i)
+        _words_at(a, i)
         return int(a[i]), int(a[i + 1]), int(a[i + 2]), int(a[i + 3])
 
     def st4(a, i, w0, w1, w2, w3):
         i = int(i)
+        _words_at(a, i)
         a[i], a[i + 1], a[i + 2], a[i + 3] = (_to_i32(int(w)) for w in (w0, w1, w2, w3))
 
     def _u32(w):
@@ -322,3 +338,96 @@ def _ns(K, load, store, elem, raw_type=None, n_raw=0, raw=None, unpack_raw=None)
     from .cuda_dtypes import namespace
     return namespace(K=K, load=load, store=store, elem=elem, RAW=raw_type, NW=n_raw, raw=raw,
                      unpack_raw=unpack_raw)
+
+
+# ---- rows that need not start on 16 bytes: peel the head and tail --------------------------
+
+def row_phase(ptr, dt):
+    """Host side: elements from the 16-byte boundary at or before address ``ptr`` to it
+    (0..K-1), or None when ``ptr`` is not aligned to the element size (then no 128-bit
+    variant can run: take the scalar one)."""
+    if ptr % ITEMSIZE[dt]:
+        return None
+    return ptr % BYTES // ITEMSIZE[dt]
+
+
+def word_view_skip(phase, dt):
+    """Host side: elements from an array's start (at ``phase``) to its first 16-byte
+    boundary, where the int32 view of a peeled kernel starts. The view holds the array's
+    whole 16-byte chunks from there: (numel - skip) // K * K elements as int32 words."""
+    K = step_elems(dt)
+    return (K - phase) % K
+
+
+@lru_cache(maxsize=None)
+def peel(dt, K, edges=True):
+    """128-bit streaming of rows that need not start on 16 bytes (any C, offset views).
+
+    A kernel takes each row array twice: ``xs``, its storage-dtype view, and ``xw``, an int32
+    view of the same memory from the array's first 16-byte boundary (``word_view_skip``
+    elements in), plus ``phase`` (``row_phase`` of the array's address). Arrays peeled
+    together (logits and output) must share the phase. Each row splits into
+
+    - a head: the elements before the row's first 16-byte boundary (fewer than K),
+    - the middle: n_mid steps of K elements, through ``load``/``store``/``raw`` (the
+      ``access(dt, K)`` of the aligned variant) on ``xw`` -- one ld4/st4 each,
+    - a tail: the elements after the row's last whole 16-byte chunk (fewer than K).
+
+    Head and tail (the row's *edge*, n_edge < 2K elements) go one element at a time
+    through ``load1``/``store1`` on ``xs``: a store writes only its own 2, 4 or 8 bytes,
+    so a row boundary inside a 16-byte chunk, or inside a 32-bit word for half floats,
+    never touches the neighbouring row's elements (another block owns them), and no access
+    leaves the array. An aligned row is the case h = n_edge = 0.
+
+    ``parts(phase, row, n_cls)`` -> (start, h, first, n_mid, n_edge) for row ``row`` of
+    n_cls elements: its first element is element ``start`` of the arrays, and column
+    h + s*K + k is value k of word-view step first + s. ``edge_col(q, h, n_mid)``: the
+    column of edge element q (0 <= q < n_edge; the head, then the tail) -- e.g. thread q
+    of the row's block takes it, once per row, and keeps its value in a register.
+    ``PEELED``: K > 1 and ``edges``. Without it there is
+    no edge and the word view is the whole array (pass it as both views, phase 0): K = 1,
+    the scalar variant (every element a step of the storage view), or ``edges=False``,
+    the aligned variant (every row starts on 16 bytes and C is a multiple of K), so one
+    kernel body serves all three.
+
+    The simulator runs these same functions; its ld4/st4 check that every 128-bit access is
+    16-byte aligned and inside its array.
+    """
+    T = traits(dt)
+    AX = access(dt, K)
+    LOG_K = K.bit_length() - 1
+    PEELED = K > 1 and edges
+    i64 = types.int64
+
+    @device
+    def parts(phase, row, n_cls):
+        start = row * n_cls
+        if not PEELED:  # (row x steps per row: cheaper loops than start / K, in ptxas)
+            n_steps = n_cls // K
+            return start, i64(0), row * n_steps, n_steps, i64(0)
+        at = phase + start  # elements from a 16-byte boundary
+        h = (-at) & (K - 1)
+        if h > n_cls:
+            h = n_cls
+        n_mid = (n_cls - h) >> LOG_K
+        first = ((at + h) >> LOG_K) - (1 if phase else 0)  # the view starts a chunk in
+        return start, h, first, n_mid, n_cls - (n_mid << LOG_K)
+
+    @device
+    def edge_col(q, h, n_mid):
+        return q if q < h else q + (n_mid << LOG_K)
+
+    load_elem, store_elem = T.load, T.store
+
+    @device
+    def load1(xs, e):
+        return load_elem(xs[U(e)])
+
+    @device
+    def store1(xs, e, v):
+        xs[U(e)] = store_elem(v)
+
+    from .cuda_dtypes import namespace
+    return namespace(K=K, PEELED=PEELED, parts=parts, edge_col=edge_col, load1=load1,
+                     store1=store1, load=AX.load, store=AX.store, raw=AX.raw,
+                     unpack_raw=AX.unpack_raw, RAW=AX.RAW, NW=AX.NW)

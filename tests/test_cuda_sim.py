@@ -339,6 +339,108 @@ def test_softmax_family(case, dt):
     check_loss(lse, ref_logsumexp(x), dt, "logsumexp")
 
 
+# ---- 128-bit streaming of rows that do not start on 16 bytes (cuda_vec.peel) ------------------
+
+PEEL_STRATEGIES = ("block_cached", "block", "split")
+# layout -> (row length, elements from a 16-byte boundary to the first row): rows on 16 bytes;
+# rows of 117 values (row 1 starts inside the 16-byte chunk where row 0 ends, and ends inside
+# one); an offset view, one element past the boundary (half floats: inside a 32-bit word).
+# (test_softmax_family runs the same kernels on rows of 150-257 values in every mode.)
+PEEL_LAYOUTS = {"aligned": (120, 0), "unaligned_c": (117, 0), "offset_view": (120, 1)}
+
+
+def _placed(rows, phase, rng):
+    """(buffer, view): ``rows`` copied into a simulated device buffer, ``phase`` elements past
+    a 16-byte boundary, with random-bit guards of more than 16 bytes before and after it (in
+    the same 16-byte chunks as the first and last row)."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    item = rows.dtype.itemsize
+    before, after = 16 // item + phase, 16 // item + 1
+    n = before + rows.size + after
+    raw = np.empty(n * item + 16, np.uint8)
+    buf = raw[-raw.ctypes.data % 16:][:n * item]
+    buf[:] = rng.integers(0, 256, buf.size, dtype=np.uint8)  # the guards' bits
+    buf = buf.view(rows.dtype)
+    view = buf[before:before + rows.size].reshape(rows.shape)
+    view[...] = rows
+    assert view.ctypes.data % 16 == phase * item
+    return buf, FakeCUDAArray(view)
+
+
+def _guards(buf, rows_size, phase):
+    before = 16 // buf.dtype.itemsize + phase
+    return np.concatenate([buf[:before], buf[before + rows_size:]]).view(np.uint8).copy()
+
+
+@pytest.mark.parametrize("layout", list(PEEL_LAYOUTS))
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("strategy", PEEL_STRATEGIES)
+def test_peeled_softmax_rows(strategy, dt, layout, monkeypatch):
+    """The block kernels' peeled 128-bit variants take rows at any offset from 16 bytes: the
+    head and tail element by element, the middle in 16-byte steps (aligned rows: the _vec
+    variants). softmax into the rows of a
+    junk-filled larger buffer: every element written (against the reference), the guards
+    either side (in the rows' first and last 16-byte chunks) untouched, so no store strays
+    into a neighbour's elements. Offset views: log_softmax in place the same way, and an
+    output at another offset than x takes the scalar kernels."""
+    n_cls, phase = PEEL_LAYOUTS[layout]
+    launched = []
+    real = _cuda._launch
+
+    def recording(name, *args):
+        launched.append(name)
+        return real(name, *args)
+    monkeypatch.setattr(_cuda, "_launch", recording)
+    rng = rng_for("peel", strategy, dt, layout)
+    x = make_logits(rng, (2, n_cls), dt)
+    x[1, :n_cls // 2] = -np.inf  # (a masked half row)
+    xbuf, xd = _placed(x, phase, rng)
+    obuf, out = _placed(np.full(x.shape, np.nan, x.dtype), phase, rng)
+    guards = _guards(obuf, x.size, phase)
+    with _cuda.force_strategy(strategy):
+        gpuce.softmax(xd, out=out)
+        variant = "_vec" if layout == "aligned" else "_peel"
+        assert launched and all(n.endswith(variant) for n in launched), launched
+        np.testing.assert_array_equal(_guards(obuf, x.size, phase), guards, "softmax's guards")
+        check_array(out._ary, ref_softmax(x), dt, f"softmax {layout}")
+        if layout != "offset_view":
+            return
+        launched.clear()
+        sm = KIND.back(gpuce.softmax(xd))  # a fresh output: another phase than x
+        assert launched and not any(n.endswith(("_vec", "_peel")) for n in launched), launched
+        check_array(sm, ref_softmax(x), dt, "softmax, output at another offset")
+        guards = _guards(xbuf, x.size, phase)
+        launched.clear()
+        gpuce.log_softmax(xd, out=xd)  # in place
+        assert launched and all(n.endswith("_peel") for n in launched), launched
+    np.testing.assert_array_equal(_guards(xbuf, x.size, phase), guards, "in place: guards")
+    check_array(xd._ary, ref_log_softmax(x), dt, "log_softmax in place")
+
+
+def test_peel_row_parts():
+    """cuda_vec.peel's split of a row: head, whole 16-byte steps on the word view, tail --
+    every column exactly once, each step 16-byte aligned, each edge shorter than a step."""
+    from gpuce.kernels.cuda_vec import peel, word_view_skip
+    for dt in ("float16", "float32", "float64"):
+        P = peel(dt, 16 // np.dtype(dt).itemsize)
+        K = P.K
+        for phase in range(K):
+            skip = word_view_skip(phase, dt)
+            for n_cls in range(0, 3 * K + 2):
+                for row in range(3 * K):
+                    start, h, first, n_mid, n_edge = (int(v) for v in
+                                                      P.parts(phase, row, n_cls))
+                    assert start == row * n_cls
+                    cols = [int(P.edge_col(q, h, n_mid)) for q in range(n_edge)]
+                    mid = [h + s * K + k for s in range(n_mid) for k in range(K)]
+                    assert sorted(cols + mid) == list(range(n_cls)), (phase, start, n_cls)
+                    assert h < K and n_edge - h < K
+                    if n_mid:
+                        assert (phase + start + h) % K == 0
+                        assert first * K + skip == start + h  # the word view's step
+                        assert first >= 0
+
+
 @pytest.mark.parametrize("case", ["warp_8x16", "block_cached", "split"])
 def test_softmax_axes_and_in_place(case):
     strategy, n_cls = STRATEGY_CASES[case]
