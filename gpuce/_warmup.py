@@ -13,7 +13,16 @@ OPS = ("softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_in
 DEFAULT_DTYPES = ("float32", "bfloat16")
 DEFAULT_OPS = ("softmax", "log_softmax", "cross_entropy")
 # CUDA strategy -> a row length it holds (one compilation per strategy, dtype and kernel)
-_CUDA_ROWS = {"warp": 77, "block_cached": 150, "block": 203, "split": 257}
+_CUDA_ROWS = {"block_cached": 150, "block": 203, "split": 257}  # C of each block strategy
+
+
+def cuda_rows(dt):
+    """{label: (strategy, C)} the CUDA warm-up runs in ``dt``: each warp part at the C it
+    holds (its 128-bit variant), then one C for each block strategy."""
+    from ._cuda_plan import WARP_SHAPES, warp_capacity
+    rows = {part: ("warp", warp_capacity(part, dt)) for part in WARP_SHAPES}
+    rows.update((s, (s, c)) for s, c in _CUDA_ROWS.items())
+    return rows
 
 
 def warmup(device="cpu", dtypes=DEFAULT_DTYPES, ops=DEFAULT_OPS, *, softcap=False,
@@ -72,15 +81,19 @@ def plan(device, dtypes, ops, *, softcap=False, soft_targets=False, sizes=("smal
     if device == "cpu":
         shapes = {"small": (4, 64), "large": (max(1, SERIAL_BELOW // 64), 64)}
         shapes = [(size, shapes[size]) for size in sizes]
-        to_device, strategies = (lambda a: a), [(None, shape) for _, shape in shapes]
-        labels = [size for size, _ in shapes]
+        def to_device(a):
+            return a
+
+        def runs(dt):
+            return [(size, None, shape) for size, shape in shapes]
     else:
         to_device = _cuda_array_maker()
-        strategies = [(s, (3, c)) for s, c in _CUDA_ROWS.items()]
-        labels = [s for s, _ in strategies]
+
+        def runs(dt):
+            return [(label, s, (3, c)) for label, (s, c) in cuda_rows(dt).items()]
     jobs = []
     for dt in dtypes:
-        for (strategy, shape), where in zip(strategies, labels):
+        for where, strategy, shape in runs(dt):
             for op in ops:
                 for cap in (caps if op.startswith("cross_entropy") else (None,)):
                     for tgt in (targets if op.startswith("cross_entropy") else ("hard",)):

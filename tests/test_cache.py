@@ -181,8 +181,10 @@ def test_cuda_warmup_calls_every_strategy_through_the_public_api(monkeypatch):
 
     monkeypatch.setattr(_cuda.CudaBackend, "softmax", recording)
     labels = gpuce.warmup("cuda", ("float32",), ("softmax",))
-    assert labels == [f"float32 softmax {s}" for s in _warmup._CUDA_ROWS]
-    assert [s for s, _, _ in seen] == list(_warmup._CUDA_ROWS)
+    rows = _warmup.cuda_rows("float32")
+    assert labels == [f"float32 softmax {label}" for label in rows]
+    assert [(s, shape[1]) for s, shape, _ in seen] == list(rows.values())
+    assert [s for s, _ in rows.values()] == ["warp"] * 5 + ["block_cached", "block", "split"]
     assert all(dt == "float32" for _, _, dt in seen)
 
 
