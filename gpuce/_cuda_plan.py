@@ -14,9 +14,9 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 | block_cached | the row (storage dtype) fits in the opt-in shared memory | as split | C x item bytes |
 | block        | any C                                  | as split            | 0              |
 
-Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; softmax block kernels
-(512 threads, 2 blocks per SM: <= 64 registers, no spills; float64 1); cross-entropy block kernels 512
-threads (80-96 registers: one 512-thread block per SM; a 2-block bound spills).
+Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; block kernels
+(block_cached, block, split; softmax and cross entropy) 512 threads, 2 blocks per SM (<= 64
+registers, no spills; float64 1).
 
 Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4 fp32, 8
 fp16/bf16 or 2 fp64 values), taken when every row of the logits, gradient/output and soft
@@ -205,9 +205,9 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
 
 
 def _min_blocks(family, dt):
-    """kernels/cuda_registry.py's launch bound: softmax block kernels fit 2 x 512 threads
-    (not in float64)."""
-    return 2 if family == "softmax" and dt != "float64" else 1
+    """kernels/cuda_registry.py's launch bound: the block kernels of both families fit 2 x 512
+    threads (not in float64)."""
+    return 2 if dt != "float64" else 1
 
 
 def resident_blocks(plan, device, registers_per_thread=None):

@@ -23,13 +23,12 @@ _PARTS = ("warp", "warp_narrow", "block_cached", "block", "split_partial", "spli
 
 
 def _bound(part, family="ce", dt=None):
-    """Launch bound: max threads per block, and for the softmax block kernels 2 resident
-    blocks per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
-    float64). Cross entropy's block kernels need more (80-96): a 64-register bound spills
-    ~100 bytes."""
+    """Launch bound: max threads per block, and for the block kernels (block_cached, block,
+    split) of both families 2 resident blocks per SM (2 x 512 threads: 64 registers, which
+    they fit without spilling, except in float64)."""
     if part.startswith("warp"):
         return WARP_BLOCK
-    return (MAX_BLOCK, 2) if family == "softmax" and dt != "float64" else MAX_BLOCK
+    return (MAX_BLOCK, 2) if dt != "float64" else MAX_BLOCK
 
 
 def masked_name(name):
@@ -58,7 +57,7 @@ def spec(name, key):
         part = name[len("ce_"):]
         dt, qdt = key if isinstance(key, tuple) else (key, None)
         return (ce_kernel(part, dt, qdt, vec, masked), ce_signature(dt, part, qdt, vec, masked),
-                _bound(part))
+                _bound(part, "ce", dt))
     if name == "check_targets":
         return check_targets_kernel(), check_targets_signature(), MAX_BLOCK
     if name == "check_masked_targets":
