@@ -10,7 +10,7 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 |--------------|----------------------------------------|---------------------|----------------|
 | warp_narrow  | C <= 32 (float64: 16)                  | 256 (4 lanes a row) | 0              |
 | warp         | C <= 512 (float64: 256)                | 256 (a warp a row)  | 0              |
-| split        | rows < SMs and C >= 16384              | pow2(C/8) in 128..512 | 0            |
+| split        | rows < SMs and C >= 16384              | pow2(C/8) in 128..512 (ce: C/32 in 32..512) | 0 |
 | block_cached | the row (storage dtype) fits in the opt-in shared memory | as split | C x item bytes |
 | block        | any C                                  | as split            | 0              |
 
@@ -127,9 +127,13 @@ def cached_bytes(n_cls, dt):
     return n_cls * _ITEM_BYTES[dt]
 
 
-def block_threads(n_cls, device):
+def block_threads(n_cls, device, family="softmax"):
     if device.simulated:
         return SIM_BLOCK
+    if family == "ce":
+        # cross entropy's per-row work (two block reductions, the loss) is spread over >= 32
+        # values a thread where the row allows: shorter rows get smaller blocks, more per SM
+        return int(min(MAX_BLOCK, max(32, _pow2ceil(n_cls // 32))))
     return int(min(MAX_BLOCK, max(128, _pow2ceil(n_cls // 8))))
 
 
@@ -175,7 +179,7 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
         name = f"{family}_{part}"
         return LaunchPlan(family, "warp", part, name, key, grid, block, 0, kernels=(name,),
                           launch_bound=WARP_BLOCK)
-    block = block_threads(n_cls, device)
+    block = block_threads(n_cls, device, family)
     if strategy == "block_cached":
         shared = cached_bytes(n_cls, dt)
         if shared + SMEM_BUFFERS > (STATIC_SMEM if device.simulated
