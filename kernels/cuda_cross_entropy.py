@@ -17,6 +17,13 @@ Strategies, by row length:
                 per chunk (qz relative to the chunk's max), ``ce_split_finish`` merges them in a fixed order (deterministic)
                 and writes the chunk's gradient.
 
+The block and split kernels walk a row in 32-bit steps (``while`` loops: no 64-bit index
+arithmetic or range-length division per row); only row bases are 64-bit. Their body is
+inlined twice, with and without the softcap, so the per-step helpers test nothing at run
+time; with it, tanh(x * (1/cap)) is computed with 1/cap taken once, and the chain factor is
+1 - t^2 from that t (float32/float64 cached rows keep t in shared memory). The target's
+-1 is applied in the one step that holds it.
+
 Kernel arguments (the same order everywhere; unused arrays get a harmless stand-in):
     x, g, q: logits, gradient, soft targets (storage dtype); tgt: int64 class indices;
     w, go, loss, st: weights, grad_output, per-row losses (or the total), device-computed
@@ -132,16 +139,6 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                 sv[k] = tv[k]
 
     @device
-    def chain_step(tv, capped):
-        """tv: t -> the softcap's chain factor 1 - t^2 (1 without a cap)."""
-        if capped:
-            for k in range(K):
-                tv[k] = ONE - tv[k] * tv[k]
-        else:
-            for k in range(K):
-                tv[k] = ONE
-
-    @device
     def wq_step(q, w, rs, s, qv, soft, weighted, keep, smooth):
         """qv = wq of the step's classes (soft targets read once, here)."""
         if soft:
@@ -195,24 +192,33 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
         return m, se, big_q, qz
 
     @device
+    def grad_elems(sv, tv, ev, qv, m, k_p, k_q, k_y, yk, dist, cap, inv_cap, capped, done_cap,
+                   have_e):
+        """The step's gradient, value by value (short live ranges: no spills at 64
+        registers); yk: the target's index in the step, or -1."""
+        for k in range(K):
+            z = sv[k]
+            t = tv[k]
+            if capped and not done_cap:
+                t = math.tanh(z * inv_cap)
+                z = cap * t
+            e = ev[k] if have_e else math.exp(z - m)
+            gf = ONE - t * t if capped else ONE
+            sv[k] = R.grad_value(e, k_p, R.coef_of(k, yk, k_q, k_y, dist, qv[k]), gf)
+
+    @device
     def grad_step(sv, tv, ev, qv, q, w, rs, s, m, k_p, k_q, k_y, ys, yk, dist, soft,
                   weighted, keep, smooth, cap, inv_cap, capped, mask, mo, done_cap, have_e):
         """sv: one step's logits (capped already when ``done_cap``: tv then holds t; ev holds
         exp(z - m) already when ``have_e``) -> its gradient, in the accumulator dtype."""
-        if not done_cap:
-            cap_step(sv, tv, cap, inv_cap, capped)
-        if not have_e:
-            for k in range(K):
-                ev[k] = math.exp(sv[k] - m)
-        chain_step(tv, capped)
         if dist:
             wq_step(q, w, rs, s, qv, soft, weighted, keep, smooth)
         if s == ys:  # the target's step
-            for k in range(K):
-                sv[k] = R.grad_value(ev[k], k_p, R.coef_of(k, yk, k_q, k_y, dist, qv[k]), tv[k])
+            grad_elems(sv, tv, ev, qv, m, k_p, k_q, k_y, yk, dist, cap, inv_cap, capped,
+                       done_cap, have_e)
         else:
-            for k in range(K):
-                sv[k] = R.grad_value(ev[k], k_p, R.coef_of(k, -1, k_q, k_y, dist, qv[k]), tv[k])
+            grad_elems(sv, tv, ev, qv, m, k_p, k_q, k_y, -1, dist, cap, inv_cap, capped,
+                       done_cap, have_e)
         if MASKED:
             R.mask_out(sv, mask, mo + s * K, K, ZERO)
 
