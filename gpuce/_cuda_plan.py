@@ -16,7 +16,7 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 
 Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; block kernels
 (block_cached, block, split; softmax and cross entropy) 512 threads, 2 blocks per SM (<= 64
-registers, no spills; float64 1).
+registers, no spills; float64 1; cross entropy's block 1, with two loads a thread in flight).
 
 Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4 fp32, 8
 fp16/bf16 or 2 fp64 values), taken when every row of the logits, gradient/output and soft
@@ -205,7 +205,8 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
                           n_split=n_split, kernels=names, min_blocks=_min_blocks(family, dt))
     name = f"{family}_block"
     return LaunchPlan(family, "block", "block", name, key, max(1, min(n_rows, device.max_grid)),
-                      block, 0, kernels=(name,), min_blocks=_min_blocks(family, dt))
+                      block, 0, kernels=(name,),
+                      min_blocks=1 if family == "ce" else _min_blocks(family, dt))
 
 
 def _min_blocks(family, dt):

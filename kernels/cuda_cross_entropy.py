@@ -357,9 +357,10 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
         FCACHE = cached and not RAWC
         # the passes that read the logits take two steps a trip (both loads in flight first)
         # where one 16-byte load a thread is too few bytes in flight: float32/float64 cached
-        # rows (one block an SM from C ~ 28k) and the scalar variants; half rows at 2 blocks
-        # an SM have enough, and the registers of a second step would spill
-        PAIR = FCACHE or K == 1
+        # rows (one block an SM from C ~ 28k), block (one 512-thread block an SM: its launch
+        # bound) and the scalar variants; cached half rows at 2 blocks an SM have enough, and
+        # the registers of a second step would spill
+        PAIR = FCACHE or not cached or K == 1
 
         @device
         def cache_step(rv, sv, tv, s, m, cache, cache_r, cap, inv_cap, capped, mask, mo):

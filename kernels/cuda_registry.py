@@ -25,9 +25,12 @@ _PARTS = ("warp", "warp_narrow", "block_cached", "block", "split_partial", "spli
 def _bound(part, family="ce", dt=None):
     """Launch bound: max threads per block, and for the block kernels (block_cached, block,
     split) of both families 2 resident blocks per SM (2 x 512 threads: 64 registers, which
-    they fit without spilling, except in float64)."""
+    they fit without spilling, except in float64 and cross entropy's ``block``, which keeps
+    two 16-byte loads a thread in flight instead)."""
     if part.startswith("warp"):
         return WARP_BLOCK
+    if family == "ce" and part == "block":  # two steps a trip in flight instead (spills at 64)
+        return MAX_BLOCK
     return (MAX_BLOCK, 2) if dt != "float64" else MAX_BLOCK
 
 
