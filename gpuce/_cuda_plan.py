@@ -9,7 +9,7 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 | strategy     | when                                   | threads/block       | shared memory  |
 |--------------|----------------------------------------|---------------------|----------------|
 | warp         | C <= 512 (float64: 256): the warp part below | 256          | 0              |
-| split        | rows < SMs and C >= 16384              | pow2(C/8) in 128..512 | 0            |
+| split        | rows < SMs and C >= 16384              | pow2(C/8) in 128..512 (ce: C/32 in 32..512) | 0 |
 | block_cached | the row (storage dtype) fits in the opt-in shared memory | as split | C x item bytes |
 | block        | any C                                  | as split            | 0              |
 
@@ -30,9 +30,9 @@ The warp kernels' launch bound asks for WARP_MIN_BLOCKS of their 256-thread bloc
 (softmax 3: <= 80 registers, float64 2; ce none: 95-128 registers on sm_90, 2 blocks), with
 no spills (tests/test_ptx.py).
 
-Launch bounds (kernels/cuda_registry.py): warp kernels 256 threads; softmax block kernels
-(512 threads, 2 blocks per SM: <= 64 registers, no spills; float64 1); cross-entropy block kernels 512
-threads (80-96 registers: one 512-thread block per SM; a 2-block bound spills).
+Launch bounds of the other kernels (kernels/cuda_registry.py): block kernels (block_cached,
+block, split; softmax and cross entropy) 512 threads, 2 blocks per SM (<= 64 registers, no
+spills; float64 1; cross entropy's block 1, with two loads a thread in flight).
 
 Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4 fp32, 8
 fp16/bf16 or 2 fp64 values), taken when every row of the logits, gradient/output and soft
@@ -173,9 +173,13 @@ def cached_bytes(n_cls, dt):
     return n_cls * _ITEM_BYTES[dt]
 
 
-def block_threads(n_cls, device):
+def block_threads(n_cls, device, family="softmax"):
     if device.simulated:
         return SIM_BLOCK
+    if family == "ce":
+        # cross entropy's per-row work (two block reductions, the loss) is spread over >= 32
+        # values a thread where the row allows: shorter rows get smaller blocks, more per SM
+        return int(min(MAX_BLOCK, max(32, _pow2ceil(n_cls // 32))))
     return int(min(MAX_BLOCK, max(128, _pow2ceil(n_cls // 8))))
 
 
@@ -224,7 +228,7 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
         name = f"{family}_{part}"
         return LaunchPlan(family, "warp", part, name, key, grid, block, 0, kernels=(name,),
                           launch_bound=WARP_BLOCK, min_blocks=warp_min_blocks(family, dt))
-    block = block_threads(n_cls, device)
+    block = block_threads(n_cls, device, family)
     if strategy == "block_cached":
         shared = cached_bytes(n_cls, dt)
         if shared + SMEM_BUFFERS > (STATIC_SMEM if device.simulated
@@ -250,13 +254,14 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
                           n_split=n_split, kernels=names, min_blocks=_min_blocks(family, dt))
     name = f"{family}_block"
     return LaunchPlan(family, "block", "block", name, key, max(1, min(n_rows, device.max_grid)),
-                      block, 0, kernels=(name,), min_blocks=_min_blocks(family, dt))
+                      block, 0, kernels=(name,),
+                      min_blocks=1 if family == "ce" else _min_blocks(family, dt))
 
 
 def _min_blocks(family, dt):
-    """kernels/cuda_registry.py's launch bound: softmax block kernels fit 2 x 512 threads
-    (not in float64)."""
-    return 2 if family == "softmax" and dt != "float64" else 1
+    """kernels/cuda_registry.py's launch bound: the block kernels of both families fit 2 x 512
+    threads (not in float64)."""
+    return 2 if dt != "float64" else 1
 
 
 def resident_blocks(plan, device, registers_per_thread=None):

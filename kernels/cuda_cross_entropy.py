@@ -19,6 +19,13 @@ Strategies, by row length:
                 per chunk (qz relative to the chunk's max), ``ce_split_finish`` merges them in a fixed order (deterministic)
                 and writes the chunk's gradient.
 
+The block and split kernels walk a row in 32-bit steps (``while`` loops: no 64-bit index
+arithmetic or range-length division per row); only row bases are 64-bit. Their body is
+inlined twice, with and without the softcap, so the per-step helpers test nothing at run
+time; with it, tanh(x * (1/cap)) is computed with 1/cap taken once, and the chain factor is
+1 - t^2 from that t (float32/float64 cached rows keep t in shared memory). The target's
+-1 is applied in the one step that holds it.
+
 Kernel arguments (the same order everywhere; unused arrays get a harmless stand-in):
     x, g, q: logits, gradient, soft targets (storage dtype); tgt: int64 class indices;
     w, go, loss, st: weights, grad_output, per-row losses (or the total), device-computed
@@ -93,6 +100,129 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
     K = step_elems(dt) if vec else 1  # elements per memory access
     AX = access(dt, K)
     AQ = access(qdt or dt, K)
+
+    i32 = types.int32
+
+    # ---- per-step helpers of the block and split kernels (a step: K values in registers) ----
+
+    @device
+    def softcap_inverse(cap):
+        """1/cap, computed once: the softcap is cap tanh(x * (1/cap)), its chain factor
+        1 - tanh^2 (no division per element)."""
+        return ONE / cap if cap > ZERO else ZERO
+
+    @device
+    def capped_logit(v, cap, inv_cap, capped):
+        if capped:
+            return cap * math.tanh(v * inv_cap)
+        return v
+
+    @device
+    def cap_step(sv, tv, cap, inv_cap, capped):
+        """sv: logits -> capped logits z; tv: t = tanh(x / cap) (the logits without a cap).
+        ``capped`` (cap > 0) is a constant where the kernel body is inlined: no test per step."""
+        if capped:
+            for k in range(K):
+                t = math.tanh(sv[k] * inv_cap)
+                tv[k] = t
+                sv[k] = cap * t
+        else:
+            for k in range(K):
+                tv[k] = sv[k]
+
+    @device
+    def uncap_step(tv, sv, cap, capped):
+        """sv = z from tv = t (cached tanh values), or the logits themselves."""
+        if capped:
+            for k in range(K):
+                sv[k] = cap * tv[k]
+        else:
+            for k in range(K):
+                sv[k] = tv[k]
+
+    @device
+    def wq_step(q, w, rs, s, qv, soft, weighted, keep, smooth):
+        """qv = wq of the step's classes (soft targets read once, here)."""
+        if soft:
+            AQ.load(q, rs + s, qv)
+        for k in range(K):
+            qv[k] = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted, keep, smooth)
+
+    @device
+    def dist_step(q, w, rs, s, sv, qv, m, big_q, qz, soft, weighted, keep, smooth, mask, mo):
+        """Add the step's classes to (Q, qz) relative to the row max m (sv: capped logits)."""
+        if soft:
+            AQ.load(q, rs + s, qv)
+        for k in range(K):
+            wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted, keep, smooth)
+            if MASKED:
+                wq = R.drop(wq, qv[k] if soft else ZERO, mask[U(mo + s * K + k)])
+            big_q += wq
+            qz += R.dist_term(wq, sv[k], m)
+        return big_q, qz
+
+    @device
+    def target_step(state, y):
+        """(step, index within the step) of an active hard target; (-1, -1) otherwise."""
+        if state == ACTIVE and y >= 0:
+            ys = i32(y // K)
+            return ys, i32(y - ys * K)
+        return i32(-1), i32(-1)
+
+    @device
+    def online_step(sv, qv, q, w, rs, s, m, se, big_q, qz, dist, soft, weighted, keep,
+                    smooth, cap, inv_cap, capped, tv, mask, mo):
+        """One loaded step of logits (sv) into the online (max, sum, Q, qz) state."""
+        cap_step(sv, tv, cap, inv_cap, capped)
+        if MASKED:
+            R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
+        if dist:
+            if soft:
+                AQ.load(q, rs + s, qv)
+            for k in range(K):
+                z = sv[k]
+                m_new, se = R.online(m, se, z)
+                wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted, keep, smooth)
+                if MASKED:
+                    wq = R.drop(wq, qv[k] if soft else ZERO, mask[U(mo + s * K + k)])
+                qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
+                big_q += wq
+                m = m_new
+        else:
+            for k in range(K):
+                m, se = R.online(m, se, sv[k])
+        return m, se, big_q, qz
+
+    @device
+    def grad_elems(sv, tv, ev, qv, m, k_p, k_q, k_y, yk, dist, cap, inv_cap, capped, done_cap,
+                   have_e):
+        """The step's gradient, value by value (short live ranges: no spills at 64
+        registers); yk: the target's index in the step, or -1."""
+        for k in range(K):
+            z = sv[k]
+            t = tv[k]
+            if capped and not done_cap:
+                t = math.tanh(z * inv_cap)
+                z = cap * t
+            e = ev[k] if have_e else math.exp(z - m)
+            gf = ONE - t * t if capped else ONE
+            sv[k] = R.grad_value(e, k_p, R.coef_of(k, yk, k_q, k_y, dist, qv[k]), gf)
+
+    @device
+    def grad_step(sv, tv, ev, qv, q, w, rs, s, m, k_p, k_q, k_y, ys, yk, dist, soft,
+                  weighted, keep, smooth, cap, inv_cap, capped, mask, mo, done_cap, have_e):
+        """sv: one step's logits (capped already when ``done_cap``: tv then holds t; ev holds
+        exp(z - m) already when ``have_e``) -> its gradient, in the accumulator dtype."""
+        if dist:
+            wq_step(q, w, rs, s, qv, soft, weighted, keep, smooth)
+        if s == ys:  # the target's step
+            grad_elems(sv, tv, ev, qv, m, k_p, k_q, k_y, yk, dist, cap, inv_cap, capped,
+                       done_cap, have_e)
+        else:
+            grad_elems(sv, tv, ev, qv, m, k_p, k_q, k_y, -1, dist, cap, inv_cap, capped,
+                       done_cap, have_e)
+        if MASKED:
+            R.mask_out(sv, mask, mo + s * K, K, ZERO)
 
     if strategy in WARP_SHAPES:
         TPR, VPT = warp_shape(strategy, dt)
@@ -231,32 +361,84 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
         # half rows are cached as stored (2 bytes a value, twice the row that fits), and
-        # widened again in each pass; float32/float64 rows as values, then exp(z - m)
+        # widened again in each pass; float32/float64 rows as values (the logit, or with a
+        # softcap t = tanh(x / cap)), then exp(z - m)
         RAWC = cached and dt in ("float16", "bfloat16")
         RAW = AX.RAW if RAWC else acc
         NW = AX.NW if RAWC else 1
+        FCACHE = cached and not RAWC
+        # the passes that read the logits take two steps a trip (both loads in flight first)
+        # where one 16-byte load a thread is too few bytes in flight: float32/float64 cached
+        # rows (one block an SM from C ~ 28k), block (one 512-thread block an SM: its launch
+        # bound) and the scalar variants; cached half rows at 2 blocks an SM have enough, and
+        # the registers of a second step would spill
+        PAIR = FCACHE or not cached or K == 1
 
-        def ce_block(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
-                     soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
-                     inv_ce, inv_z, unused, mask, m_stride, n_live):
+        @device
+        def cache_step(rv, sv, tv, s, m, cache, cache_r, cap, inv_cap, capped, mask, mo):
+            """block_cached's first pass over one loaded step (rv: its stored words when
+            RAWC, else sv: its values): into the cache, and into the max."""
+            if RAWC:
+                for j in range(NW):
+                    cache_r[U(s * NW + j)] = rv[j]
+                AX.unpack_raw(rv, sv)
+            cap_step(sv, tv, cap, inv_cap, capped)
+            if MASKED:
+                R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
+                R.mask_out(tv, mask, mo + s * K, K, NEG_INF)
+            for k in range(K):
+                if FCACHE:
+                    cache[U(s * K + k)] = tv[k]
+                if sv[k] > m:
+                    m = sv[k]
+            return m
+
+        @device
+        def cached_logits(sv, tv, rv, s, cache, cache_r, cap, inv_cap, capped):
+            """sv = a cached step's capped logits, tv = t (RAWC and FCACHE)."""
+            if RAWC:
+                for j in range(NW):
+                    rv[j] = cache_r[U(s * NW + j)]
+                AX.unpack_raw(rv, sv)
+                cap_step(sv, tv, cap, inv_cap, capped)
+            else:
+                for k in range(K):
+                    tv[k] = cache[U(s * K + k)]
+                uncap_step(tv, sv, cap, capped)
+
+        @device
+        def block_body(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
+                       soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap,
+                       go_scalar, inv_ce, inv_z, mask, m_stride, n_live, capped):
             cache = cuda.shared.array(0, acc)  # the row's values when cached (not RAWC)
             cache_r = cuda.shared.array(0, RAW)  # the row as stored (RAWC)
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
             buf_t = cuda.shared.array(32, f64)
             flag = cuda.shared.array(1, types.int32)
-            sv = cuda.local.array(K, acc)
-            qv = cuda.local.array(K, acc)
+            row_sum = cuda.shared.array(1, f64)  # thread 0's sum of the losses (total): not
+            # held in registers across the rows
+            # two steps per trip (a, b): both loads in flight before either is used
+            sv = cuda.local.array(K, acc)  # a step's logits z, then its gradient
+            sv_b = cuda.local.array(K, acc)
+            tv = cuda.local.array(K, acc)  # t = tanh(x / cap) (z without a cap), then 1 - t^2
+            ev = cuda.local.array(K, acc)  # exp(z - m)
+            qv = cuda.local.array(K, acc)  # soft targets, then wq
             rv = cuda.local.array(NW, RAW)
-            row_sum = f64(0.0)
-            tid = i64(cuda.threadIdx.x)
-            bd = i64(cuda.blockDim.x)
+            rv_b = cuda.local.array(NW, RAW)
+            if total and cuda.threadIdx.x == 0:
+                row_sum[0] = f64(0.0)
+            # 32-bit indices within a row (steps, shared memory); 64-bit only for row bases
+            tid = i32(cuda.threadIdx.x)
+            bd = i32(cuda.blockDim.x)
             inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
-            n_steps = n_cls // K
-            for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
+            inv_cap = softcap_inverse(cap)
+            n_steps = i32(n_cls // K)
+            row = i64(cuda.blockIdx.x)
+            while row < n_rows:
                 rs = row * n_steps
                 mo = row * m_stride
                 if soft:
@@ -269,75 +451,61 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                 z_y = ZERO
                 if state == ACTIVE and not soft:
                     # before the barriers that precede any write
-                    z_y = R.capped(AX.elem(x, row * n_cls + y), cap)
+                    z_y = capped_logit(AX.elem(x, row * n_cls + y), cap, inv_cap,
+                                       capped)
                 m = NEG_INF
                 se = ZERO
                 big_q = ZERO
                 qz = ZERO
                 if cached:
-                    for s in range(tid, n_steps, bd):
+                    s = tid
+                    while s < n_steps:
+                        s_b = i32(s + bd)
                         if RAWC:
                             AX.raw(x, rs + s, rv)
-                            for j in range(NW):
-                                cache_r[U(s * NW + j)] = rv[j]
-                            AX.unpack_raw(rv, sv)
+                            if PAIR and s_b < n_steps:
+                                AX.raw(x, rs + s_b, rv_b)
                         else:
                             AX.load(x, rs + s, sv)
-                        for k in range(K):
-                            z = R.capped(sv[k], cap)
-                            if MASKED:
-                                z = R.keep_live(z, mask, mo + s * K + k, NEG_INF)
-                            if not RAWC:
-                                cache[U(s * K + k)] = z
-                            if z > m:
-                                m = z
+                            if PAIR and s_b < n_steps:
+                                AX.load(x, rs + s_b, sv_b)
+                        m = cache_step(rv, sv, tv, s, m, cache, cache_r, cap, inv_cap, capped, mask, mo)
+                        if PAIR and s_b < n_steps:
+                            m = cache_step(rv_b, sv_b, tv, s_b, m, cache, cache_r, cap, inv_cap, capped,
+                                           mask, mo)
+                        s = i32(s_b + bd) if PAIR else s_b
                     m = R.finite_max(RD.block_max(m, buf_m))
-                    for s in range(tid, n_steps, bd):
-                        if dist and soft:
-                            AQ.load(q, rs + s, qv)
-                        if RAWC:
-                            for j in range(NW):
-                                rv[j] = cache_r[U(s * NW + j)]
-                            AX.unpack_raw(rv, sv)
+                    s = tid
+                    while s < n_steps:
+                        cached_logits(sv, tv, rv, s, cache, cache_r, cap, inv_cap, capped)
+                        if RAWC and MASKED:
+                            R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                         for k in range(K):
-                            c = s * K + k
-                            if RAWC:
-                                z = R.capped(sv[k], cap)
-                                if MASKED:
-                                    z = R.keep_live(z, mask, mo + c, NEG_INF)
-                            else:
-                                z = cache[U(c)]
-                            e = math.exp(z - m)
-                            if not RAWC and cap == ZERO:
-                                cache[U(c)] = e  # each thread only touches its own columns
-                            se += e
-                            if dist:
-                                wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted, keep,
-                                                 smooth)
-                                if MASKED:
-                                    wq = R.drop(wq, qv[k] if soft else ZERO, mask[U(mo + c)])
-                                big_q += wq
-                                qz += R.dist_term(wq, z, m)
+                            ev[k] = math.exp(sv[k] - m)
+                            se += ev[k]
+                        if FCACHE and not capped:  # each thread only touches its own columns
+                            for k in range(K):
+                                cache[U(s * K + k)] = ev[k]
+                        if dist:
+                            big_q, qz = dist_step(q, w, rs, s, sv, qv, m, big_q, qz, soft,
+                                                  weighted, keep, smooth, mask, mo)
+                        s = i32(s + bd)
                     se = RD.block_sum(se, buf_s)
                 else:
-                    for s in range(tid, n_steps, bd):
+                    s = tid
+                    while s < n_steps:
+                        s_b = i32(s + bd)
                         AX.load(x, rs + s, sv)
-                        if dist and soft:
-                            AQ.load(q, rs + s, qv)
-                        for k in range(K):
-                            z = R.capped(sv[k], cap)
-                            if MASKED:
-                                z = R.keep_live(z, mask, mo + s * K + k, NEG_INF)
-                            m_new, se = R.online(m, se, z)
-                            if dist:
-                                wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k,
-                                                 weighted, keep, smooth)
-                                if MASKED:
-                                    wq = R.drop(wq, qv[k] if soft else ZERO,
-                                                mask[U(mo + s * K + k)])
-                                qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
-                                big_q += wq
-                            m = m_new
+                        if PAIR and s_b < n_steps:
+                            AX.load(x, rs + s_b, sv_b)
+                        m, se, big_q, qz = online_step(sv, qv, q, w, rs, s, m, se, big_q, qz,
+                                                       dist, soft, weighted, keep, smooth, cap,
+                                                       inv_cap, capped, tv, mask, mo)
+                        if PAIR and s_b < n_steps:
+                            m, se, big_q, qz = online_step(sv_b, qv, q, w, rs, s_b, m, se, big_q,
+                                                           qz, dist, soft, weighted, keep, smooth,
+                                                           cap, inv_cap, capped, tv, mask, mo)
+                        s = i32(s_b + bd) if PAIR else s_b
                     m_blk, se = RD.block_merge(m, se, buf_m, buf_s)
                     qz = R.rebase(qz, big_q, m, m_blk)  # every thread's qz relative to one max
                     m = R.finite_max(m_blk)
@@ -352,72 +520,89 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                                              inv_z, go_v)
                 if tid == 0:
                     if total:
-                        row_sum += f64(lv)
+                        row_sum[0] += f64(lv)
                     else:
                         loss[U(row)] = lv
                 if write_grad:
-                    for s in range(tid, n_steps, bd):
-                        if state == ACTIVE:
-                            if not cached:
-                                AX.load(x, rs + s, sv)
-                            elif RAWC:
-                                for j in range(NW):
-                                    rv[j] = cache_r[U(s * NW + j)]
-                                AX.unpack_raw(rv, sv)
-                            if dist and soft:
-                                AQ.load(q, rs + s, qv)
-                            for k in range(K):
-                                c = s * K + k
-                                if RAWC:
-                                    z = R.capped(sv[k], cap)
-                                    e = math.exp(z - m)
-                                    gf = R.grad_factor(z, cap)
-                                elif cached:
-                                    if cap > ZERO:  # the capped logit stayed in the cache
-                                        z = cache[U(c)]
-                                        e = math.exp(z - m)
-                                        gf = R.grad_factor(z, cap)
-                                    else:
-                                        e = cache[U(c)]
-                                        gf = ONE
-                                else:
-                                    z = R.capped(sv[k], cap)
-                                    e = math.exp(z - m)
-                                    gf = R.grad_factor(z, cap)
-                                wq = ZERO
-                                if dist:
-                                    wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted,
-                                                     keep, smooth)
-                                sv[k] = R.grad_value(e, k_p, R.coef_of(c, y, k_q, k_y, dist, wq),
-                                                     gf)
-                            if MASKED:
-                                R.mask_out(sv, mask, mo + s * K, K, ZERO)
-                        else:
-                            for k in range(K):
-                                sv[k] = ZERO
-                        AX.store(g, rs + s, sv)
+                    ys, yk = target_step(state, y)
+                    s = tid
+                    if state != ACTIVE:
+                        for k in range(K):
+                            sv[k] = ZERO
+                        while s < n_steps:
+                            AX.store(g, rs + s, sv)
+                            s = i32(s + bd)
+                    elif cached:
+                        while s < n_steps:
+                            cached_logits(sv, tv, rv, s, cache, cache_r, cap, inv_cap, capped)
+                            if FCACHE and not capped:  # the cache holds exp(z - m)
+                                for k in range(K):
+                                    ev[k] = tv[k]
+                            grad_step(sv, tv, ev, qv, q, w, rs, s, m, k_p, k_q, k_y, ys, yk,
+                                      dist, soft, weighted, keep, smooth, cap, inv_cap, capped, mask,
+                                      mo, True, FCACHE and not capped)
+                            AX.store(g, rs + s, sv)
+                            s = i32(s + bd)
+                    else:
+                        while s < n_steps:
+                            s_b = i32(s + bd)
+                            AX.load(x, rs + s, sv)
+                            if PAIR and s_b < n_steps:
+                                AX.load(x, rs + s_b, sv_b)
+                            grad_step(sv, tv, ev, qv, q, w, rs, s, m, k_p, k_q, k_y, ys, yk,
+                                      dist, soft, weighted, keep, smooth, cap, inv_cap, capped, mask,
+                                      mo, False, False)
+                            AX.store(g, rs + s, sv)
+                            if PAIR and s_b < n_steps:
+                                grad_step(sv_b, tv, ev, qv, q, w, rs, s_b, m, k_p, k_q, k_y, ys,
+                                          yk, dist, soft, weighted, keep, smooth, cap, inv_cap,
+                                          capped, mask, mo, False, False)
+                                AX.store(g, rs + s_b, sv_b)
+                            s = i32(s_b + bd) if PAIR else s_b
+                row += i64(cuda.gridDim.x)
             if total:
-                GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
+                GS.grid_total(row_sum[0] if tid == 0 else f64(0.0), part, ctr, 1, loss, buf_t,
+                              flag)
+        def ce_block(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
+                     soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar,
+                     inv_ce, inv_z, unused, mask, m_stride, n_live):
+            # the softcap decided once: each inlined body has its loops free of the test
+            if cap > ZERO:
+                block_body(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
+                           soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap,
+                           go_scalar, inv_ce, inv_z, mask, m_stride, n_live, True)
+            else:
+                block_body(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
+                           soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap,
+                           go_scalar, inv_ce, inv_z, mask, m_stride, n_live, False)
+
         return ce_block if MASKED else _unmasked_main(ce_block)
 
     if strategy == "split_partial":
-        def ce_split_partial(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps,
-                             cap, n_split, mask, m_stride, n_live):
+        PAIR = K == 1  # as in the block kernels: two scalar steps a trip
+
+        @device
+        def partial_body(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps,
+                         cap, n_split, mask, m_stride, n_live, capped):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
             sv = cuda.local.array(K, acc)
+            sv_b = cuda.local.array(K, acc)
+            tv = cuda.local.array(K, acc)
             qv = cuda.local.array(K, acc)
-            tid = i64(cuda.threadIdx.x)
-            bd = i64(cuda.blockDim.x)
+            tid = i32(cuda.threadIdx.x)
+            bd = i32(cuda.blockDim.x)
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
-            n_steps = n_cls // K
-            length = (n_steps + n_split - 1) // n_split  # steps per chunk
+            inv_cap = softcap_inverse(cap)
+            n_steps = i32(n_cls // K)
+            length = i32((n_steps + n_split - 1) // n_split)  # steps per chunk
             zy_base = n_rows * n_split * 4
-            for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
+            b = i64(cuda.blockIdx.x)
+            while b < n_rows * n_split:
                 row = b // n_split
-                lo = (b - row * n_split) * length
+                lo = i32(b - row * n_split) * length
                 hi = min(n_steps, lo + length)
                 rs = row * n_steps
                 mo = row * m_stride
@@ -427,23 +612,20 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                 se = ZERO
                 big_q = ZERO
                 qz = ZERO
-                for s in range(lo + tid, hi, bd):
+                s = i32(lo + tid)
+                while s < hi:
+                    s_b = i32(s + bd)
                     AX.load(x, rs + s, sv)
-                    if dist and soft:
-                        AQ.load(q, rs + s, qv)
-                    for k in range(K):
-                        z = R.capped(sv[k], cap)
-                        if MASKED:
-                            z = R.keep_live(z, mask, mo + s * K + k, NEG_INF)
-                        m_new, se = R.online(m, se, z)
-                        if dist:
-                            wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted,
-                                             keep, smooth)
-                            if MASKED:
-                                wq = R.drop(wq, qv[k] if soft else ZERO, mask[U(mo + s * K + k)])
-                            qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
-                            big_q += wq
-                        m = m_new
+                    if PAIR and s_b < hi:
+                        AX.load(x, rs + s_b, sv_b)
+                    m, se, big_q, qz = online_step(sv, qv, q, w, rs, s, m, se, big_q, qz, dist,
+                                                   soft, weighted, keep, smooth, cap, inv_cap,
+                                                   capped, tv, mask, mo)
+                    if PAIR and s_b < hi:
+                        m, se, big_q, qz = online_step(sv_b, qv, q, w, rs, s_b, m, se, big_q, qz,
+                                                       dist, soft, weighted, keep, smooth, cap,
+                                                       inv_cap, capped, tv, mask, mo)
+                    s = i32(s_b + bd) if PAIR else s_b
                 m_blk, se = RD.block_merge(m, se, buf_m, buf_s)
                 qz = R.rebase(qz, big_q, m, m_blk)
                 m = m_blk
@@ -459,46 +641,80 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                         state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
                         if state == ACTIVE and lo * K <= y and y < hi * K:
                             # saved here: in place, the finishing kernel overwrites x[y]
-                            ws[U(zy_base + row)] = R.capped(AX.elem(x, row * n_cls + y), cap)
+                            ws[U(zy_base + row)] = capped_logit(AX.elem(x, row * n_cls + y), cap,
+                                                                inv_cap, capped)
+                b += i64(cuda.gridDim.x)
+
+        def ce_split_partial(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps,
+                             cap, n_split, mask, m_stride, n_live):
+            if cap > ZERO:  # decided once (see ce_block)
+                partial_body(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps,
+                             cap, n_split, mask, m_stride, n_live, True)
+            else:
+                partial_body(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps,
+                             cap, n_split, mask, m_stride, n_live, False)
         return ce_split_partial if MASKED else _unmasked_partial(ce_split_partial)
 
     if strategy == "split_finish":
-        def ce_split_finish(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls,
-                            ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps,
-                            zl, cap, go_scalar, inv_ce, inv_z, n_split, mask, m_stride, n_live):
+        PAIR = K == 1
+
+        @device
+        def finish_body(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls,
+                        ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps,
+                        zl, cap, go_scalar, inv_ce, inv_z, n_split, mask, m_stride, n_live,
+                        capped):
             buf_t = cuda.shared.array(32, f64)
             flag = cuda.shared.array(1, types.int32)
+            row_sum = cuda.shared.array(1, f64)  # thread 0's sum of the losses (see ce_block)
+            merged = cuda.shared.array(4, acc)  # the row's (max, sum, Q, qz)
             sv = cuda.local.array(K, acc)
+            sv_b = cuda.local.array(K, acc)
+            tv = cuda.local.array(K, acc)
+            ev = cuda.local.array(K, acc)
             qv = cuda.local.array(K, acc)
-            row_sum = f64(0.0)
-            tid = i64(cuda.threadIdx.x)
-            bd = i64(cuda.blockDim.x)
+            if total and cuda.threadIdx.x == 0:
+                row_sum[0] = f64(0.0)
+            tid = i32(cuda.threadIdx.x)
+            bd = i32(cuda.blockDim.x)
             inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
-            n_steps = n_cls // K
-            length = (n_steps + n_split - 1) // n_split
+            inv_cap = softcap_inverse(cap)
+            n_steps = i32(n_cls // K)
+            length = i32((n_steps + n_split - 1) // n_split)
             zy_base = n_rows * n_split * 4
-            for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
+            b = i64(cuda.blockIdx.x)
+            while b < n_rows * n_split:
                 row = b // n_split
-                chunk = b - row * n_split
+                chunk = i32(b - row * n_split)
+                b += i64(cuda.gridDim.x)
                 if chunk != 0 and not write_grad:
-                    continue  # (no barrier in this loop: threads may leave it at any time)
-                m = NEG_INF
-                se = ZERO
-                big_q = ZERO
-                qz = ZERO
-                base = row * n_split * 4
-                for kk in range(n_split):  # a fixed order: every block gets the same bits
-                    m_k = ws[U(base + 4 * kk)]
-                    q_k = ws[U(base + 4 * kk + 2)]
-                    m_new, se = RD.merge(m, se, m_k, ws[U(base + 4 * kk + 1)])
-                    qz = (R.rebase(qz, big_q, m, m_new)
-                          + R.rebase(ws[U(base + 4 * kk + 3)], q_k, m_k, m_new))
-                    big_q += q_k
-                    m = m_new
-                m = R.finite_max(m)
+                    continue  # (block-uniform: the whole block skips the chunk)
+                if tid == 0:  # one thread merges the row's partials, the block reads them
+                    m = NEG_INF
+                    se = ZERO
+                    big_q = ZERO
+                    qz = ZERO
+                    base = row * n_split * 4
+                    for kk in range(n_split):  # a fixed order: every block gets the same bits
+                        m_k = ws[U(base + 4 * kk)]
+                        q_k = ws[U(base + 4 * kk + 2)]
+                        m_new, se = RD.merge(m, se, m_k, ws[U(base + 4 * kk + 1)])
+                        qz = (R.rebase(qz, big_q, m, m_new)
+                              + R.rebase(ws[U(base + 4 * kk + 3)], q_k, m_k, m_new))
+                        big_q += q_k
+                        m = m_new
+                    merged[0] = m
+                    merged[1] = se
+                    merged[2] = big_q
+                    merged[3] = qz
+                cuda.syncthreads()  # (block-uniform: every thread of the block is here)
+                m = R.finite_max(merged[0])
+                se = merged[1]
+                big_q = merged[2]
+                qz = merged[3]
+                cuda.syncthreads()  # read before the next chunk's thread 0 writes
                 rs = row * n_steps
                 mo = row * m_stride
                 if soft:
@@ -519,34 +735,52 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                                              inv_z, go_v)
                 if chunk == 0 and tid == 0:
                     if total:
-                        row_sum += f64(lv)
+                        row_sum[0] += f64(lv)
                     else:
                         loss[U(row)] = lv
                 if write_grad:
+                    ys, yk = target_step(state, y)
                     lo = chunk * length
-                    for s in range(lo + tid, min(n_steps, lo + length), bd):
-                        if state == ACTIVE:
-                            AX.load(x, rs + s, sv)
-                            if dist and soft:
-                                AQ.load(q, rs + s, qv)
-                            for k in range(K):
-                                c = s * K + k
-                                z = R.capped(sv[k], cap)
-                                wq = ZERO
-                                if dist:
-                                    wq = R.weight_of(qv[k] if soft else ZERO, w, c, weighted,
-                                                     keep, smooth)
-                                sv[k] = R.grad_value(math.exp(z - m), k_p,
-                                                     R.coef_of(c, y, k_q, k_y, dist, wq),
-                                                     R.grad_factor(z, cap))
-                            if MASKED:
-                                R.mask_out(sv, mask, mo + s * K, K, ZERO)
-                        else:
-                            for k in range(K):
-                                sv[k] = ZERO
+                    hi = min(n_steps, lo + length)
+                    s = i32(lo + tid)
+                    if state != ACTIVE:
+                        for k in range(K):
+                            sv[k] = ZERO
+                        while s < hi:
+                            AX.store(g, rs + s, sv)
+                            s = i32(s + bd)
+                    while state == ACTIVE and s < hi:
+                        s_b = i32(s + bd)
+                        AX.load(x, rs + s, sv)
+                        if PAIR and s_b < hi:
+                            AX.load(x, rs + s_b, sv_b)
+                        grad_step(sv, tv, ev, qv, q, w, rs, s, m, k_p, k_q, k_y, ys, yk, dist,
+                                  soft, weighted, keep, smooth, cap, inv_cap, capped, mask, mo,
+                                  False, False)
                         AX.store(g, rs + s, sv)
+                        if PAIR and s_b < hi:
+                            grad_step(sv_b, tv, ev, qv, q, w, rs, s_b, m, k_p, k_q, k_y, ys, yk,
+                                      dist, soft, weighted, keep, smooth, cap, inv_cap, capped,
+                                      mask, mo, False, False)
+                            AX.store(g, rs + s_b, sv_b)
+                        s = i32(s_b + bd) if PAIR else s_b
             if total:
-                GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
+                GS.grid_total(row_sum[0] if tid == 0 else f64(0.0), part, ctr, 1, loss, buf_t,
+                              flag)
+
+        def ce_split_finish(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls,
+                            ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps,
+                            zl, cap, go_scalar, inv_ce, inv_z, n_split, mask, m_stride, n_live):
+            if cap > ZERO:  # decided once (see ce_block)
+                finish_body(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls,
+                            ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps,
+                            zl, cap, go_scalar, inv_ce, inv_z, n_split, mask, m_stride, n_live,
+                            True)
+            else:
+                finish_body(x, g, q, tgt, w, go, loss, st, part, ctr, ws, n_rows, n_cls,
+                            ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps,
+                            zl, cap, go_scalar, inv_ce, inv_z, n_split, mask, m_stride, n_live,
+                            False)
         return ce_split_finish if MASKED else _unmasked_finish(ce_split_finish)
 
     raise KeyError(strategy)

@@ -17,7 +17,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import cuda
+from numba import cuda, types
 
 from .cuda_dtypes import SIMULATOR, device, namespace
 
@@ -27,6 +27,8 @@ if SIMULATOR:
 
 FULL_MASK = 0xFFFFFFFF
 WARP = 32
+LOG2_WARP = 5
+U32 = types.uint32
 
 
 @lru_cache(maxsize=None)
@@ -70,39 +72,49 @@ def reductions(acc_np):
             off >>= 1
         return m, s
 
+    # a thread's lane and warp, and the warp count, in unsigned 32 bits (masks and shifts: no
+    # 64-bit signed division, nor 64-bit values kept live across a kernel's row loop)
     @device
     def _nwarps():
-        return (cuda.blockDim.x + WARP - 1) // WARP
+        return U32(U32(cuda.blockDim.x) + U32(WARP - 1)) >> U32(LOG2_WARP)
+
+    @device
+    def _lane():
+        return U32(cuda.threadIdx.x) & U32(WARP - 1)
+
+    @device
+    def _warp():
+        return U32(cuda.threadIdx.x) >> U32(LOG2_WARP)
 
     @device
     def block_max(v, buf):
         """Max over the block; buf is a shared array of >= 32 accumulators."""
         v = warp_max(v, WARP)
-        lane = cuda.threadIdx.x % WARP
+        lane = _lane()
         cuda.syncthreads()  # the previous reduction may still be reading buf
         if lane == 0:
-            buf[cuda.threadIdx.x // WARP] = v
+            buf[_warp()] = v
         cuda.syncthreads()
         return warp_max(buf[lane] if lane < _nwarps() else NEG_INF, WARP)
 
     @device
     def block_sum(v, buf):
         v = warp_sum(v, WARP)
-        lane = cuda.threadIdx.x % WARP
+        lane = _lane()
         cuda.syncthreads()
         if lane == 0:
-            buf[cuda.threadIdx.x // WARP] = v
+            buf[_warp()] = v
         cuda.syncthreads()
         return warp_sum(buf[lane] if lane < _nwarps() else ZERO, WARP)
 
     @device
     def block_merge(m, s, buf_m, buf_s):
         m, s = warp_merge(m, s, WARP)
-        lane = cuda.threadIdx.x % WARP
+        lane = _lane()
         cuda.syncthreads()
         if lane == 0:
-            buf_m[cuda.threadIdx.x // WARP] = m
-            buf_s[cuda.threadIdx.x // WARP] = s
+            buf_m[_warp()] = m
+            buf_s[_warp()] = s
         cuda.syncthreads()
         m, s = NEG_INF, ZERO
         if lane < _nwarps():

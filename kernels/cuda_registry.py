@@ -29,13 +29,15 @@ _PARTS = (*WARP_SHAPES, "block_cached", "block", "split_partial", "split_finish"
 
 def _bound(part, family="ce", dt=None):
     """Launch bound: max threads per block and resident blocks per SM: for the warp kernels
-    warp_min_blocks (gpuce/_cuda_plan.py); for the softmax block kernels 2 resident blocks
-    per SM (2 x 512 threads: 64 registers, which they fit without spilling, except in
-    float64). Cross entropy's block kernels need more (80-96): a 64-register bound spills
-    ~100 bytes."""
+    warp_min_blocks (gpuce/_cuda_plan.py); for the block kernels (block_cached, block, split)
+    of both families 2 resident blocks per SM (2 x 512 threads: 64 registers, which they fit
+    without spilling, except in float64 and cross entropy's ``block``, which keeps two
+    16-byte loads a thread in flight instead)."""
     if part in WARP_SHAPES:
         return WARP_BLOCK, warp_min_blocks(family, dt)
-    return (MAX_BLOCK, 2) if family == "softmax" and dt != "float64" else MAX_BLOCK
+    if family == "ce" and part == "block":  # two steps a trip in flight instead (spills at 64)
+        return MAX_BLOCK
+    return (MAX_BLOCK, 2) if dt != "float64" else MAX_BLOCK
 
 
 def masked_name(name):
@@ -70,7 +72,7 @@ def spec(name, key):
         part = name[len("ce_"):]
         dt, qdt = key if isinstance(key, tuple) else (key, None)
         return (ce_kernel(part, dt, qdt, vec, masked), ce_signature(dt, part, qdt, vec, masked),
-                _bound(part))
+                _bound(part, "ce", dt))
     if name == "check_targets":
         return check_targets_kernel(), check_targets_signature(), MAX_BLOCK
     if name == "check_masked_targets":
