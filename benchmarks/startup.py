@@ -52,6 +52,8 @@ CASES = [
      "gpuce.cross_entropy_with_grad(x, y)"),
     ("cross_entropy_with_grad fp32 4096×1000", "(4096, 1000)", "np.float32",
      "gpuce.cross_entropy_with_grad(x, y)"),
+    ("cross_entropy_with_grad fp32 65536×10 (short rows, parallel)", "(65536, 10)",
+     "np.float32", "gpuce.cross_entropy_with_grad(x, y)"),
     ("softmax bf16 32×1000", "(32, 1000)", "__import__('ml_dtypes').bfloat16",
      "gpuce.softmax(x)"),
     ("cross_entropy fp64 smoothing 256×100", "(256, 100)", "np.float64",
