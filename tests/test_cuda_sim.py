@@ -226,13 +226,10 @@ def test_cross_entropy_dtypes(case, dt):
     check_array(grad, ref_grad, dt, "soft grad")
 
 
-@pytest.mark.parametrize("dt", list(DTYPES))
-@pytest.mark.parametrize("case", list(ALIGNED_CASES))
-def test_vectorized_variants(case, dt, monkeypatch):
-    """Rows that start on 16 bytes take the 128-bit kernels (int32 views, 4/8/2 values per
-    access); the same rows one element off their alignment (an offset view) take the scalar
-    ones. Both against the reference: loss, gradient in place and not, softmax family."""
-    strategy, n_cls = case_shape(case, dt, ALIGNED_CASES)
+def record_launches(monkeypatch):
+    """The names of the kernels gpuce launches from here on (a list that fills as it goes);
+    also for tests/test_gpu.py, on a real device."""
+    from gpuce import _cuda
     launched = []
     real = _cuda._launch
 
@@ -240,6 +237,17 @@ def test_vectorized_variants(case, dt, monkeypatch):
         launched.append(name)
         return real(name, *args)
     monkeypatch.setattr(_cuda, "_launch", recording)
+    return launched
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("case", list(ALIGNED_CASES))
+def test_vectorized_variants(case, dt, monkeypatch):
+    """Rows that start on 16 bytes take the 128-bit kernels (int32 views, 4/8/2 values per
+    access); the same rows one element off their alignment (an offset view) take the scalar
+    ones. Both against the reference: loss, gradient in place and not, softmax family."""
+    strategy, n_cls = case_shape(case, dt, ALIGNED_CASES)
+    launched = record_launches(monkeypatch)
     rng = rng_for(case, dt, "vec")
     opt = dict(OPTIONS["all_hard_mean"])
     x, t, kw = build_case(rng, 3, n_cls, dt, opt)
@@ -384,13 +392,7 @@ def test_peeled_softmax_rows(strategy, dt, layout, monkeypatch):
     into a neighbour's elements. Offset views: log_softmax in place the same way, and an
     output at another offset than x takes the scalar kernels."""
     n_cls, phase = PEEL_LAYOUTS[layout]
-    launched = []
-    real = _cuda._launch
-
-    def recording(name, *args):
-        launched.append(name)
-        return real(name, *args)
-    monkeypatch.setattr(_cuda, "_launch", recording)
+    launched = record_launches(monkeypatch)
     rng = rng_for("peel", strategy, dt, layout)
     x = make_logits(rng, (2, n_cls), dt)
     x[1, :n_cls // 2] = -np.inf  # (a masked half row)
@@ -685,13 +687,7 @@ def test_mean_and_sum_launch_at_most_three_kernels(case, monkeypatch):
     then a fixed-order sum): at most 3 launches, and repeated calls give the same bits (the
     ticket resets itself)."""
     strategy, n_cls = STRATEGY_CASES[case]
-    launched = []
-    real = _cuda._launch
-
-    def recording(name, *args):
-        launched.append(name)
-        return real(name, *args)
-    monkeypatch.setattr(_cuda, "_launch", recording)
+    launched = record_launches(monkeypatch)
     rng = np.random.default_rng(37)
     for opt in ("weight_ignore_mean", "smooth_weight_sum"):
         x, t, kw = build_case(rng, 5, n_cls, "float32", OPTIONS[opt])

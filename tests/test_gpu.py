@@ -12,7 +12,7 @@ from cuda_kinds import gpu_available, gpu_kinds
 from helpers import rng_for
 from kinds import BF16, DTYPES, SIMULATOR
 from reference import ref_cross_entropy, ref_log_softmax, ref_logsumexp, ref_softmax
-from test_cuda_sim import check_array, check_loss, rounded, soft_targets
+from test_cuda_sim import check_array, check_loss, record_launches, rounded, soft_targets
 
 HAVE_GPU = not SIMULATOR and gpu_available()
 pytestmark = [pytest.mark.gpu,
@@ -248,13 +248,7 @@ def test_unaligned_rows_take_the_scalar_kernels(strategy, dt, monkeypatch):
     n, c = (64, 256) if strategy == "warp" else (16, 20000)
     rng = np.random.default_rng(41)
     x, t, _ = _case(rng, n, c, dt)
-    launched = []
-    real = _cuda._launch
-
-    def recording(name, *args):
-        launched.append(name)
-        return real(name, *args)
-    monkeypatch.setattr(_cuda, "_launch", recording)
+    launched = record_launches(monkeypatch)
     kind = KINDS.get("torch-cuda") or pytest.skip("needs CUDA torch")
     xa = kind.to(x)
     flat = torch.empty(n * c + 1, dtype=xa.dtype, device="cuda")
