@@ -32,7 +32,7 @@ from .cpu_tasks import drivers
 
 SMALL_C = 64          # below this, exp runs flat over a block of rows
 BLOCK_ELEMS = 16384   # elements per block (one task): the e buffer stays in L2
-SUM_CHUNK = 4096      # a long row's exp sum: chunks summed in the accumulator dtype, then in fp64
+SUM_CHUNK = 256       # a long row's sums: chunks summed in the accumulator dtype, then in fp64
 
 _TRAITS = {
     # name: (load, store, exp, tanh, order key, key inverse, accumulate dtype)
