@@ -308,12 +308,17 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                                                 mask[U(mo + s * K + k)])
                                 big_q += wq
                                 qz += R.dist_term(wq, vals[j * K + k], m)
+                # the row max's e = 1 is counted apart and joins the small terms once: added
+                # in turn onto 1, a lane's 16 values would round p ~8 ulps (p - 1 for p ~ 1)
                 se = ZERO
+                n_top = ZERO
                 for v in range(VPT):
                     e = math.exp(vals[v] - m)
-                    se += e
+                    top = e == ONE
+                    se += ZERO if top else e
+                    n_top += ONE if top else ZERO
                     vals[v] = e
-                se = RD.warp_sum(se, TPR)
+                se = RD.warp_sum(se + n_top, TPR)
                 if dist:
                     big_q = RD.warp_sum(big_q, TPR)
                     qz = RD.warp_sum(qz, TPR)
