@@ -10,21 +10,43 @@ files, named by a hash of that description.
 Where it lives: numba's locators, in order -- ``NUMBA_CACHE_DIR`` when set, else
 ``__pycache__`` beside the kernels when writable, else the per-user cache directory.
 
+Symbol names: numba names a compiled function by its qualified name and a per-process
+counter, so two factory-built closures of one name (``store`` for bf16 and for fp32, the
+short-row kernel for C = 10 and C = 20) compiled by two different processes can carry the
+same symbol. Loaded side by side from the cache, the JIT bound calls of the one to the
+other's code: wrong rows and heap corruption (a C = 20 row loop run on C = 10 rows). The
+counter therefore starts at a random 40-bit offset in each process (``_distinct_uids``).
+
 Two processes filling the cache at once: an index update takes a file lock, and a data
 file's name is derived from its key, so an entry can never point at another entry's code
 (the worst a race can do without locks is lose an index entry, i.e. a later recompile).
 """
 import contextlib
 import hashlib
+import itertools
 import os
+import secrets
 from functools import lru_cache
 
 import llvmlite
 import numba
-from numba.core import caching
+from numba.core import bytecode, caching
 
 _SOURCES = ("cpu.py", "cpu_math.py", "cpu_cache.py", "cpu_tasks.py", "cpu_small.py")
 ENABLED = os.environ.get("GPUCE_DISK_CACHE", "1") != "0"
+
+
+def _distinct_uids():
+    """Start numba's function counter (part of every symbol name) at a random offset in
+    this process, once, so code loaded from the cache never shares a symbol with code of
+    another process (see the module docstring)."""
+    ids = bytecode.FunctionIdentity
+    if not getattr(ids, "_gpuce_distinct", False):
+        ids._unique_ids = itertools.count(secrets.randbits(40) << 16)
+        ids._gpuce_distinct = True
+
+
+_distinct_uids()
 
 
 @lru_cache(maxsize=None)

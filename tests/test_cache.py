@@ -265,3 +265,41 @@ def test_task_code_calls_no_other_compiled_function():
             assert "NRT_decref" in called  # (the scratch buffers: the scan sees calls)
             checked += 1
     assert checked >= 3  # softmax, ce_hard and the short-row tasks at least
+
+
+# Short-row cross entropy for each C given, then the largest error against float64.
+_VARIANTS_CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import gpuce
+    errs = []
+    for c in map(int, sys.argv[1:]):
+        rng = np.random.default_rng(c)
+        x = rng.standard_normal((6, c)).astype(np.float32)
+        t = rng.integers(0, c, 6)
+        loss, _ = gpuce.cross_entropy_with_grad(x, t, reduction="none")
+        x64 = x.astype(np.float64)
+        lse = np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1)) + x64.max(1)
+        errs.append(float(np.max(np.abs(loss - (lse - x64[np.arange(6), t])))))
+    print(json.dumps(errs))
+""")
+
+
+def test_variants_cached_by_different_processes_load_side_by_side(tmp_path):
+    """Two processes each cache one short-row variant (C = 10, C = 20: same closures, other
+    constants); a third loads both. Their symbols must not collide: before numba's function
+    counter was offset per process, the C = 10 call ran C = 20 code (losses off by 1e14,
+    then heap corruption)."""
+    env = _child_env(tmp_path)
+
+    def run(*cs):
+        done = subprocess.run([sys.executable, "-c", _VARIANTS_CHILD, *map(str, cs)], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    run(10)
+    run(20)
+    for order in ((20, 10), (10, 20)):
+        errs = run(*order)
+        assert max(errs) < 1e-5, (order, errs)
