@@ -179,30 +179,33 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
             se += math.exp(sv[k] - shift)
         return se
 
-    @device
-    def online_pass(x, rs, s, hi, bd, sv, sv_b, mask, mh):
-        """This thread's (max m, sum exp(z - finite_max(m))) over steps s, s + bd, ... < hi
-        of a row. Online a trip at a time: the sum is rescaled (one exp) only when the trip
-        raises the max, so each value costs one exp and no branch."""
-        m = NEG_INF
-        se = ZERO
-        while s < hi:
-            s_b = i32(s + bd)
-            PL.load(x, rs + s, sv)
-            if s_b < hi:
-                PL.load(x, rs + s_b, sv_b)
-            mt = step_max(sv, s, m, mask, mh)
-            if s_b < hi:
-                mt = step_max(sv_b, s_b, mt, mask, mh)
-            if mt > m:  # (m = -inf: se is 0, and exp(-inf) is 0)
-                se *= math.exp(m - mt)
-                m = mt
-            shift = R.finite_max(m)
-            se = step_sum(sv, se, shift)
-            if s_b < hi:
-                se = step_sum(sv_b, se, shift)
-            s = i32(s_b + bd)
-        return m, se
+    def online_pass_of(NS):
+        @device
+        def online_pass(x, rs, s, hi, bd, va, mask, mh):
+            """This thread's (max m, sum exp(z - finite_max(m))) over steps s, s + bd, ... < hi
+            of a row, NS steps a trip (va: NS x K). Online a trip at a time: the sum is
+            rescaled (one exp) only when the trip raises the max, so each value costs one exp
+            and no branch."""
+            m = NEG_INF
+            se = ZERO
+            while s < hi:
+                for j in range(NS):  # every load in flight before any is used
+                    if i32(s + j * bd) < hi:
+                        PL.load(x, rs + i32(s + j * bd), va[j])
+                mt = m
+                for j in range(NS):
+                    if i32(s + j * bd) < hi:
+                        mt = step_max(va[j], i32(s + j * bd), mt, mask, mh)
+                if mt > m:  # (m = -inf: se is 0, and exp(-inf) is 0)
+                    se *= math.exp(m - mt)
+                    m = mt
+                shift = R.finite_max(m)
+                for j in range(NS):
+                    if i32(s + j * bd) < hi:
+                        se = step_sum(va[j], se, shift)
+                s = i32(s + NS * bd)
+            return m, se
+        return online_pass
 
     @device
     def add_online(m, se, z):
@@ -251,6 +254,11 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
         RAW = PL.RAW if RAWC else acc
         NW = PL.NW if RAWC else 1
         FCACHE = cached and not RAWC  # the cache holds values (then softmax's e)
+        # steps a trip of the passes that read the logits once: float32/float64 cached rows
+        # take 4 (shared memory leaves long rows one 512-thread block an SM: 2 x 16 bytes a
+        # thread are too few bytes in flight), the others 2
+        NS = 4 if FCACHE else 2
+        online_pass = online_pass_of(NS)
 
         @device
         def cache_step(rv, sv, s, m, cache, cache_r, mask, mh):
@@ -287,10 +295,11 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
             cache_r = cuda.shared.array(0, RAW)
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
+            va = cuda.local.array((NS, K), acc)  # the steps of a trip that reads once
+            ra = cuda.local.array((NS, NW), RAW)
             sv = cuda.local.array(K, acc)
             sv_b = cuda.local.array(K, acc)
             rv = cuda.local.array(NW, RAW)
-            rv_b = cuda.local.array(NW, RAW)
             tid = i32(cuda.threadIdx.x)
             bd = i32(cuda.blockDim.x)
             # logsumexp reads the row once: one online pass, no cache (as block)
@@ -317,19 +326,17 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                     m = NEG_INF
                     s = tid
                     while s < n_steps:
-                        s_b = i32(s + bd)
-                        if RAWC:
-                            PL.raw(x, rs + s, rv)
-                            if s_b < n_steps:
-                                PL.raw(x, rs + s_b, rv_b)
-                        else:
-                            PL.load(x, rs + s, sv)
-                            if s_b < n_steps:
-                                PL.load(x, rs + s_b, sv_b)
-                        m = cache_step(rv, sv, s, m, cache, cache_r, mask, mh)
-                        if s_b < n_steps:
-                            m = cache_step(rv_b, sv_b, s_b, m, cache, cache_r, mask, mh)
-                        s = i32(s_b + bd)
+                        for j in range(NS):  # every load in flight before any is used
+                            if i32(s + j * bd) < n_steps:
+                                if RAWC:
+                                    PL.raw(x, rs + i32(s + j * bd), ra[j])
+                                else:
+                                    PL.load(x, rs + i32(s + j * bd), va[j])
+                        for j in range(NS):
+                            if i32(s + j * bd) < n_steps:
+                                m = cache_step(ra[j], va[j], i32(s + j * bd), m, cache, cache_r,
+                                               mask, mh)
+                        s = i32(s + NS * bd)
                     if ez > m:
                         m = ez
                     m = R.finite_max(RD.block_max(m, buf_m))
@@ -349,7 +356,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                         se += math.exp(ez - m)
                     se = RD.block_sum(se, buf_s)
                 else:
-                    m, se = online_pass(x, rs, tid, n_steps, bd, sv, sv_b, mask, mh)
+                    m, se = online_pass(x, rs, tid, n_steps, bd, va, mask, mh)
                     if edge:
                         m, se = add_online(m, se, ez)
                     m, se = block_state(m, se, buf_m, buf_s)
@@ -374,12 +381,13 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
         return _block_entry(softmax_block, "main", peeled, MASKED)
 
     if strategy == "split_partial":
+        online_pass = online_pass_of(2)
+
         def softmax_split_partial(x_elem, x, ws, n_rows, n_cls, n_split, phase, mask,
                                   m_stride):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
-            sv = cuda.local.array(K, acc)
-            sv_b = cuda.local.array(K, acc)
+            va = cuda.local.array((2, K), acc)
             tid = i32(cuda.threadIdx.x)
             bd = i32(cuda.blockDim.x)
             # chunks of the most steps a row has (a peeled row has that or one less)
@@ -392,7 +400,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                 lo = i32(chunk * length)
                 hi = i32(min(n_mid, lo + length))
                 mh = row * m_stride + h
-                m, se = online_pass(x, rs, i32(lo + tid), hi, bd, sv, sv_b, mask, mh)
+                m, se = online_pass(x, rs, i32(lo + tid), hi, bd, va, mask, mh)
                 if PEELED and chunk == 0 and tid < n_edge:  # the first chunk takes the edge
                     ec = PL.edge_col(i64(tid), h, n_mid)
                     z = PL.load1(x_elem, start + ec)
