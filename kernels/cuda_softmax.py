@@ -158,7 +158,8 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
     # (K = 1) and aligned 128-bit variants are the same body without an edge.
     # Within a row they count steps in 32 bits (while loops: no 64-bit index arithmetic or
     # range-length division per row; only row bases are 64-bit), and the passes that read
-    # the logits take two steps a trip (a, b): both loads in flight before either is used.
+    # the logits take two steps a trip (float32/float64 cached rows four: NS), every load in
+    # flight before any is used.
     PL = peel(dt, K, peeled)
     PEELED = PL.PEELED
     i32 = types.int32
