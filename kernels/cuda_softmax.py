@@ -61,17 +61,11 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
     AX = access(dt, K)
 
     @device
-    def row_end(s, m, mode):
-        """(1/s, log s) from a finite_max'd m and s = sum exp(x - m), each only where the mode
-        uses it (softmax 1/s, the others log s); an empty row gives 0 and -inf."""
-        inv = ZERO
-        log_s = NEG_INF
+    def row_end(s, m):
+        """(1/s or 0, log s) from a finite_max'd m and s = sum exp(x - m)."""
         if s > ZERO:
-            if mode == SOFTMAX:
-                inv = ONE / s
-            else:
-                log_s = math.log(s)
-        return inv, log_s
+            return ONE / s, math.log(s)
+        return ZERO, NEG_INF
 
     @device
     def result(z_or_e, m, inv, log_s, mode, is_e):
@@ -84,16 +78,6 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
     def masked_value(mode):
         """What a masked class gets: probability 0, log-probability -inf."""
         return ZERO if mode == SOFTMAX else NEG_INF
-
-    @device
-    def out_step(sv, m, inv, log_s, mode, is_e, mask, first):
-        """One step's outputs in place. A masked class gets masked_value without computing
-        result (an all-masked row's log_softmax would be -inf - -inf)."""
-        for k in range(K):
-            if MASKED and not mask[U(first + k)]:
-                sv[k] = masked_value(mode)
-            else:
-                sv[k] = result(sv[k], m, inv, log_s, mode, is_e)
 
     if strategy in WARP_SHAPES:
         TPR, VPT = warp_shape(strategy, dt)
@@ -136,7 +120,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                     if mode == SOFTMAX:
                         vals[j] = e
                 se = RD.warp_sum(se, TPR)
-                inv, log_s = row_end(se, m, mode)
+                inv, log_s = row_end(se, m)
                 if not live:
                     continue
                 if mode == LOGSUMEXP:
@@ -147,8 +131,9 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                     s = j * TPR + lane
                     if s < n_steps:
                         for k in range(K):
-                            sv[k] = vals[j * K + k]
-                        out_step(sv, m, inv, log_s, mode, True, mask, mo + s * K)
+                            sv[k] = result(vals[j * K + k], m, inv, log_s, mode, True)
+                        if MASKED:
+                            R.mask_out(sv, mask, mo + s * K, K, masked_value(mode))
                         AX.store(out, rs + s, sv)
         return softmax_warp if MASKED else _unmasked_main(softmax_warp)
 
@@ -156,139 +141,14 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
     # row's head and tail (its edge: one element for each of the first n_edge threads, kept
     # in a register across the passes) around 16-byte steps on the int32 view; the scalar
     # (K = 1) and aligned 128-bit variants are the same body without an edge.
-    # Within a row they count steps in 32 bits (while loops: no 64-bit index arithmetic or
-    # range-length division per row; only row bases are 64-bit), and the passes that read
-    # the logits take two steps a trip (float32/float64 cached rows four: NS), every load in
-    # flight before any is used.
     PL = peel(dt, K, peeled)
     PEELED = PL.PEELED
-    i32 = types.int32
-
-    @device
-    def step_max(sv, s, m, mask, mh):
-        """Mask a loaded step (masked classes -inf) and take it into the max m."""
-        if MASKED:
-            R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
-        for k in range(K):
-            if sv[k] > m:
-                m = sv[k]
-        return m
-
-    @device
-    def step_sum(sv, se, shift):
-        for k in range(K):
-            se += math.exp(sv[k] - shift)
-        return se
-
-    def online_pass_of(NS):
-        @device
-        def online_pass(x, rs, s, hi, bd, va, mask, mh):
-            """This thread's (max m, sum exp(z - finite_max(m))) over steps s, s + bd, ... < hi
-            of a row, NS steps a trip (va: NS x K). Online a trip at a time: the sum is
-            rescaled (one exp) only when the trip raises the max, so each value costs one exp
-            and no branch."""
-            m = NEG_INF
-            se = ZERO
-            while s < hi:
-                for j in range(NS):  # every load in flight before any is used
-                    if i32(s + j * bd) < hi:
-                        PL.load(x, rs + i32(s + j * bd), va[j])
-                mt = m
-                for j in range(NS):
-                    if i32(s + j * bd) < hi:
-                        mt = step_max(va[j], i32(s + j * bd), mt, mask, mh)
-                if mt > m:  # (m = -inf: se is 0, and exp(-inf) is 0)
-                    se *= math.exp(m - mt)
-                    m = mt
-                shift = R.finite_max(m)
-                for j in range(NS):
-                    if i32(s + j * bd) < hi:
-                        se = step_sum(va[j], se, shift)
-                s = i32(s + NS * bd)
-            return m, se
-        return online_pass
-
-    @device
-    def add_online(m, se, z):
-        """One more value (an edge element) into a state of online_pass."""
-        if z > m:
-            se *= math.exp(m - z)
-            m = z
-        return m, se + math.exp(z - R.finite_max(m))
-
-    @device
-    def block_state(m, se, buf_m, buf_s):
-        """The block's (max, sum exp(z - finite_max(max))) from its threads' online_pass
-        states: the max, then each sum rescaled to it (one exp) and added -- cheaper than
-        merging (m, s) pairs at every shuffle."""
-        mb = RD.block_max(m, buf_m)
-        if m != NEG_INF:  # (a thread with nothing live adds 0, whatever mb)
-            se *= math.exp(m - R.finite_max(mb))
-        return mb, RD.block_sum(se, buf_s)
-
-    @device
-    def write_pass(x, out, rs, s, hi, bd, sv, sv_b, m, inv, log_s, mode, mask, mh):
-        """Outputs of steps s, s + bd, ... < hi of a row, from the logits read again."""
-        while s < hi:
-            s_b = i32(s + bd)
-            PL.load(x, rs + s, sv)
-            if s_b < hi:
-                PL.load(x, rs + s_b, sv_b)
-            out_step(sv, m, inv, log_s, mode, False, mask, mh + s * K)
-            PL.store(out, rs + s, sv)
-            if s_b < hi:
-                out_step(sv_b, m, inv, log_s, mode, False, mask, mh + s_b * K)
-                PL.store(out, rs + s_b, sv_b)
-            s = i32(s_b + bd)
-
-    @device
-    def edge_out(out_elem, e, z, live, m, inv, log_s, mode):
-        """An edge element's output (a masked one: masked_value, as in out_step)."""
-        v = masked_value(mode)
-        if live:
-            v = result(z, m, inv, log_s, mode, False)
-        PL.store1(out_elem, e, v)
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
         RAWC = cached and dt in ("float16", "bfloat16")  # half rows cached as stored
         RAW = PL.RAW if RAWC else acc
         NW = PL.NW if RAWC else 1
-        FCACHE = cached and not RAWC  # the cache holds values (then softmax's e)
-        # steps a trip of the passes that read the logits once: float32/float64 cached rows
-        # take 4 (shared memory leaves long rows one 512-thread block an SM: 2 x 16 bytes a
-        # thread are too few bytes in flight), the others 2
-        NS = 4 if FCACHE else 2
-        online_pass = online_pass_of(NS)
-
-        @device
-        def cache_step(rv, sv, s, m, cache, cache_r, mask, mh):
-            """The first pass over one loaded step (rv: its stored words when RAWC, else sv:
-            its values): into the cache, and into the max."""
-            if RAWC:
-                for j in range(NW):
-                    cache_r[U(s * NW + j)] = rv[j]
-                PL.unpack_raw(rv, sv)
-            if MASKED:
-                R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
-            for k in range(K):
-                z = sv[k]
-                if FCACHE:
-                    cache[U(s * K + k)] = z
-                if z > m:
-                    m = z
-            return m
-
-        @device
-        def cached_step(sv, rv, s, cache, cache_r):
-            """sv = a cached step (RAWC: unmasked; FCACHE: as the last pass left it)."""
-            if RAWC:
-                for j in range(NW):
-                    rv[j] = cache_r[U(s * NW + j)]
-                PL.unpack_raw(rv, sv)
-            else:
-                for k in range(K):
-                    sv[k] = cache[U(s * K + k)]
 
         def softmax_block(x_elem, x, out_elem, out, lse, n_rows, n_cls, mode, phase, mask,
                           m_stride):
@@ -296,24 +156,17 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
             cache_r = cuda.shared.array(0, RAW)
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
-            va = cuda.local.array((NS, K), acc)  # the steps of a trip that reads once
-            ra = cuda.local.array((NS, NW), RAW)
             sv = cuda.local.array(K, acc)
-            sv_b = cuda.local.array(K, acc)
             rv = cuda.local.array(NW, RAW)
-            tid = i32(cuda.threadIdx.x)
-            bd = i32(cuda.blockDim.x)
-            # logsumexp reads the row once: one online pass, no cache (as block)
-            use_cache = cached and mode != LOGSUMEXP
-            row = i64(cuda.blockIdx.x)
-            while row < n_rows:
-                start, h, rs, n_mid, n_edge = PL.parts(phase, row, n_cls)
-                n_steps = i32(n_mid)
+            tid = i64(cuda.threadIdx.x)
+            bd = i64(cuda.blockDim.x)
+            for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
+                start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
                 mo = row * m_stride
                 mh = mo + h  # the mask's index of the first middle column
                 # this thread's edge element: its index and value (all that stays live)
                 edge = PEELED and tid < n_edge
-                ec = PL.edge_col(i64(tid), h, n_mid) if edge else i64(0)
+                ec = PL.edge_col(tid, h, n_steps) if edge else i64(0)
                 ee = start + ec
                 ez = NEG_INF
                 e_live = True
@@ -323,151 +176,159 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                         e_live = mask[U(mo + ec)]
                         if not e_live:
                             ez = NEG_INF
-                if use_cache:
-                    m = NEG_INF
-                    s = tid
-                    while s < n_steps:
-                        for j in range(NS):  # every load in flight before any is used
-                            if i32(s + j * bd) < n_steps:
-                                if RAWC:
-                                    PL.raw(x, rs + i32(s + j * bd), ra[j])
-                                else:
-                                    PL.load(x, rs + i32(s + j * bd), va[j])
-                        for j in range(NS):
-                            if i32(s + j * bd) < n_steps:
-                                m = cache_step(ra[j], va[j], i32(s + j * bd), m, cache, cache_r,
-                                               mask, mh)
-                        s = i32(s + NS * bd)
+                m = NEG_INF
+                se = ZERO
+                if cached:
+                    for s in range(tid, n_steps, bd):
+                        if RAWC:
+                            PL.raw(x, rs + s, rv)
+                            for j in range(NW):
+                                cache_r[U(s * NW + j)] = rv[j]
+                            PL.unpack_raw(rv, sv)
+                        else:
+                            PL.load(x, rs + s, sv)
+                        if MASKED:
+                            R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
+                        for k in range(K):
+                            z = sv[k]
+                            if not RAWC:
+                                cache[U(s * K + k)] = z
+                            if z > m:
+                                m = z
                     if ez > m:
                         m = ez
                     m = R.finite_max(RD.block_max(m, buf_m))
-                    se = ZERO
-                    s = tid
-                    while s < n_steps:  # (shared memory: one step a trip)
-                        cached_step(sv, rv, s, cache, cache_r)
-                        if RAWC and MASKED:
-                            R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
+                    for s in range(tid, n_steps, bd):
+                        if RAWC:
+                            for j in range(NW):
+                                rv[j] = cache_r[U(s * NW + j)]
+                            PL.unpack_raw(rv, sv)
+                            if MASKED:
+                                R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
                         for k in range(K):
-                            e = math.exp(sv[k] - m)
+                            c = s * K + k
+                            e = math.exp((sv[k] if RAWC else cache[U(c)]) - m)
                             se += e
-                            if FCACHE and mode == SOFTMAX:
-                                cache[U(s * K + k)] = e  # each thread only touches its own columns
-                        s = i32(s + bd)
+                            if mode == SOFTMAX and not RAWC:
+                                cache[U(c)] = e  # each thread only touches its own columns
                     if edge:
                         se += math.exp(ez - m)
                     se = RD.block_sum(se, buf_s)
                 else:
-                    m, se = online_pass(x, rs, tid, n_steps, bd, va, mask, mh)
+                    for s in range(tid, n_steps, bd):
+                        PL.load(x, rs + s, sv)
+                        if MASKED:
+                            R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
+                        for k in range(K):
+                            m, se = R.online(m, se, sv[k])
                     if edge:
-                        m, se = add_online(m, se, ez)
-                    m, se = block_state(m, se, buf_m, buf_s)
+                        m, se = R.online(m, se, ez)
+                    m, se = RD.block_merge(m, se, buf_m, buf_s)
                     m = R.finite_max(m)
-                inv, log_s = row_end(se, m, mode)
+                inv, log_s = row_end(se, m)
                 if mode == LOGSUMEXP:
                     if tid == 0:
                         lse[U(row)] = m + log_s
-                elif use_cache:
-                    s = tid
-                    while s < n_steps:
-                        cached_step(sv, rv, s, cache, cache_r)
-                        out_step(sv, m, inv, log_s, mode, FCACHE, mask, mh + s * K)
-                        PL.store(out, rs + s, sv)
-                        s = i32(s + bd)
-                else:
-                    write_pass(x, out, rs, tid, n_steps, bd, sv, sv_b, m, inv, log_s, mode,
-                               mask, mh)
-                if edge and mode != LOGSUMEXP:
-                    edge_out(out_elem, ee, ez, e_live, m, inv, log_s, mode)
-                row += i64(cuda.gridDim.x)
+                    continue
+                for s in range(tid, n_steps, bd):
+                    if RAWC:
+                        for j in range(NW):
+                            rv[j] = cache_r[U(s * NW + j)]
+                        PL.unpack_raw(rv, sv)
+                        for k in range(K):
+                            sv[k] = result(sv[k], m, inv, log_s, mode, False)
+                    elif cached:
+                        for k in range(K):
+                            sv[k] = result(cache[U(s * K + k)], m, inv, log_s, mode, True)
+                    else:
+                        PL.load(x, rs + s, sv)
+                        for k in range(K):
+                            sv[k] = result(sv[k], m, inv, log_s, mode, False)
+                    if MASKED:
+                        R.mask_out(sv, mask, mh + s * K, K, masked_value(mode))
+                    PL.store(out, rs + s, sv)
+                if edge:
+                    v = result(ez, m, inv, log_s, mode, False)
+                    if MASKED and not e_live:
+                        v = masked_value(mode)
+                    PL.store1(out_elem, ee, v)
         return _block_entry(softmax_block, "main", peeled, MASKED)
 
     if strategy == "split_partial":
-        online_pass = online_pass_of(2)
-
         def softmax_split_partial(x_elem, x, ws, n_rows, n_cls, n_split, phase, mask,
                                   m_stride):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
-            va = cuda.local.array((2, K), acc)
-            tid = i32(cuda.threadIdx.x)
-            bd = i32(cuda.blockDim.x)
+            sv = cuda.local.array(K, acc)
+            tid = i64(cuda.threadIdx.x)
+            bd = i64(cuda.blockDim.x)
             # chunks of the most steps a row has (a peeled row has that or one less)
-            length = i32((n_cls // K + n_split - 1) // n_split)
-            b = i64(cuda.blockIdx.x)
-            while b < n_rows * n_split:
+            length = (n_cls // K + n_split - 1) // n_split
+            for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
-                chunk = i32(b - row * n_split)
-                start, h, rs, n_mid, n_edge = PL.parts(phase, row, n_cls)
-                lo = i32(chunk * length)
-                hi = i32(min(n_mid, lo + length))
+                chunk = b - row * n_split
+                start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
+                lo = chunk * length
                 mh = row * m_stride + h
-                m, se = online_pass(x, rs, i32(lo + tid), hi, bd, va, mask, mh)
+                m = NEG_INF
+                se = ZERO
+                for s in range(lo + tid, min(n_steps, lo + length), bd):
+                    PL.load(x, rs + s, sv)
+                    if MASKED:
+                        R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
+                    for k in range(K):
+                        m, se = R.online(m, se, sv[k])
                 if PEELED and chunk == 0 and tid < n_edge:  # the first chunk takes the edge
-                    ec = PL.edge_col(i64(tid), h, n_mid)
+                    ec = PL.edge_col(tid, h, n_steps)
                     z = PL.load1(x_elem, start + ec)
                     if MASKED and not mask[U(row * m_stride + ec)]:
                         z = NEG_INF
-                    m, se = add_online(m, se, z)
-                m, se = block_state(m, se, buf_m, buf_s)
+                    m, se = R.online(m, se, z)
+                m, se = RD.block_merge(m, se, buf_m, buf_s)
                 if tid == 0:
                     ws[U(2 * b)] = m
                     ws[U(2 * b + 1)] = se
-                b += i64(cuda.gridDim.x)
         return _block_entry(softmax_split_partial, "partial", peeled, MASKED)
 
     if strategy == "split_finish":
-        @device
-        def merged_row(ws, row, n_split):
-            """The row's (finite_max'd max, sum exp) from its chunks' partials, merged in a
-            fixed order (every block gets the same bits)."""
-            m = NEG_INF
-            se = ZERO
-            base = row * n_split
-            for kk in range(n_split):
-                m, se = RD.merge(m, se, ws[U(2 * (base + kk))], ws[U(2 * (base + kk) + 1)])
-            return R.finite_max(m), se
-
         def softmax_split_finish(x_elem, x, out_elem, out, lse, ws, n_rows, n_cls, mode,
                                  n_split, phase, mask, m_stride):
-            merged = cuda.shared.array(2, acc)  # the row's (max, sum)
             sv = cuda.local.array(K, acc)
-            sv_b = cuda.local.array(K, acc)
-            tid = i32(cuda.threadIdx.x)
-            bd = i32(cuda.blockDim.x)
-            length = i32((n_cls // K + n_split - 1) // n_split)  # as in split_partial
-            b = i64(cuda.blockIdx.x)
-            while b < n_rows * n_split:
+            tid = i64(cuda.threadIdx.x)
+            bd = i64(cuda.blockDim.x)
+            length = (n_cls // K + n_split - 1) // n_split  # as in split_partial
+            for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
-                chunk = i32(b - row * n_split)
-                b += i64(cuda.gridDim.x)
-                if mode == LOGSUMEXP:  # one thread a row: merge and write
-                    if chunk == 0 and tid == 0:
-                        m, se = merged_row(ws, row, n_split)
-                        inv, log_s = row_end(se, m, mode)
+                chunk = b - row * n_split
+                if mode == LOGSUMEXP and chunk != 0:
+                    continue
+                m = NEG_INF
+                se = ZERO
+                for kk in range(n_split):  # a fixed order: every block gets the same bits
+                    m, se = RD.merge(m, se, ws[U(2 * (row * n_split + kk))],
+                                     ws[U(2 * (row * n_split + kk) + 1)])
+                m = R.finite_max(m)
+                inv, log_s = row_end(se, m)
+                if mode == LOGSUMEXP:
+                    if tid == 0:
                         lse[U(row)] = m + log_s
                     continue
-                if tid == 0:  # one thread merges the row's partials, the block reads them
-                    m, se = merged_row(ws, row, n_split)
-                    merged[0] = m
-                    merged[1] = se
-                cuda.syncthreads()  # (block-uniform: every thread of the block is here)
-                m = merged[0]
-                se = merged[1]
-                cuda.syncthreads()  # read before the next chunk's thread 0 writes
-                inv, log_s = row_end(se, m, mode)
-                start, h, rs, n_mid, n_edge = PL.parts(phase, row, n_cls)
-                lo = i32(chunk * length)
-                hi = i32(min(n_mid, lo + length))
+                start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
+                lo = chunk * length
                 mh = row * m_stride + h
-                write_pass(x, out, rs, i32(lo + tid), hi, bd, sv, sv_b, m, inv, log_s, mode,
-                           mask, mh)
-                if PEELED and chunk == 0 and tid < n_edge:
-                    ec = PL.edge_col(i64(tid), h, n_mid)
-                    live = True
+                for s in range(lo + tid, min(n_steps, lo + length), bd):
+                    PL.load(x, rs + s, sv)
+                    for k in range(K):
+                        sv[k] = result(sv[k], m, inv, log_s, mode, False)
                     if MASKED:
-                        live = mask[U(row * m_stride + ec)]
-                    edge_out(out_elem, start + ec, PL.load1(x_elem, start + ec), live, m, inv,
-                             log_s, mode)
+                        R.mask_out(sv, mask, mh + s * K, K, masked_value(mode))
+                    PL.store(out, rs + s, sv)
+                if PEELED and chunk == 0 and tid < n_edge:
+                    ec = PL.edge_col(tid, h, n_steps)
+                    v = result(PL.load1(x_elem, start + ec), m, inv, log_s, mode, False)
+                    if MASKED and not mask[U(row * m_stride + ec)]:
+                        v = masked_value(mode)
+                    PL.store1(out_elem, start + ec, v)
         return _block_entry(softmax_split_finish, "finish", peeled, MASKED)
 
     raise KeyError(strategy)

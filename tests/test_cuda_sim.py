@@ -443,50 +443,6 @@ def test_peel_row_parts():
                         assert first >= 0
 
 
-# steps of 16 bytes a row (split: a row of 4 chunks) where one-warp blocks take two steps a
-# trip, and some threads a third
-ONE_WARP_STEPS = {"block_cached": 75, "block": 75, "split": 264}
-
-
-@pytest.mark.parametrize("layout", ["aligned", "peeled"])
-@pytest.mark.parametrize("dt", ["float32", "bfloat16"])
-@pytest.mark.parametrize("strategy", PEEL_STRATEGIES)
-def test_one_warp_blocks(strategy, dt, layout, monkeypatch):
-    """Rows of C <= 1024 get one-warp blocks on a GPU (block_threads); here the block kernels
-    run with 32 threads (the simulator's own blocks are 64): block reductions of a single
-    warp, two steps a trip. softmax and log_softmax into junk-filled outputs, and logsumexp,
-    against the reference: rows on 16 bytes (_vec) and rows that peel (_peel)."""
-    from gpuce import _cuda_plan
-    h100 = _cuda_plan.DeviceLimits.h100()
-    assert [_cuda_plan.block_threads(c, h100) for c in (513, 1000, 1024, 2048, 8192, 50257)] \
-        == [32, 32, 32, 64, 256, 512]
-    blocks = []
-    real = _cuda._launch
-
-    def recording(name, key, grid, block, *args):
-        blocks.append((name, block))
-        return real(name, key, grid, block, *args)
-    monkeypatch.setattr(_cuda, "_launch", recording)
-    monkeypatch.setattr(_cuda_plan, "block_threads", lambda n_cls, device: 32)
-    k = 16 // np.dtype(DTYPES[dt]).itemsize
-    n_cls = ONE_WARP_STEPS[strategy] * k + (layout == "peeled")  # rows 1, 2 start off 16 bytes
-    rng = rng_for("one warp", strategy, dt, layout)
-    x = make_logits(rng, (3, n_cls), dt)
-    x[1, : n_cls // 2] = -np.inf  # a masked half row
-    junk = rounded(rng.uniform(-1e3, 1e3, x.shape), dt)  # an element left unwritten shows
-    sm, lsm = KIND.to(junk.copy()), KIND.to(junk.copy())
-    xd = KIND.to(x)
-    with _cuda.force_strategy(strategy):
-        gpuce.softmax(xd, out=sm)
-        gpuce.log_softmax(xd, out=lsm)
-        lse = KIND.back(gpuce.logsumexp(xd))
-    variant = "_vec" if layout == "aligned" else "_peel"
-    assert blocks and all(b == 32 and n.endswith(variant) for n, b in blocks), blocks
-    check_array(KIND.back(sm), ref_softmax(x), dt, "softmax")
-    check_array(KIND.back(lsm), ref_log_softmax(x), dt, "log_softmax")
-    check_loss(lse, ref_logsumexp(x), dt, "logsumexp")
-
-
 @pytest.mark.parametrize("case", ["warp_8x16", "block_cached", "split"])
 def test_softmax_axes_and_in_place(case):
     strategy, n_cls = STRATEGY_CASES[case]
