@@ -9,7 +9,7 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 | strategy     | when                                   | threads/block       | shared memory  |
 |--------------|----------------------------------------|---------------------|----------------|
 | warp         | C <= 512 (float64: 256): the warp part below | 256          | 0              |
-| split        | rows < SMs and C >= 16384              | pow2(C/8) in 128..512 (ce: C/32 in 32..512) | 0 |
+| split        | rows < SMs and C >= 16384              | pow2(C/32) in 32..512 | 0 |
 | block_cached | the row (storage dtype) fits in the opt-in shared memory | as split | C x item bytes |
 | block        | any C                                  | as split            | 0              |
 
@@ -173,14 +173,13 @@ def cached_bytes(n_cls, dt):
     return n_cls * _ITEM_BYTES[dt]
 
 
-def block_threads(n_cls, device, family="softmax"):
+def block_threads(n_cls, device):
+    """Threads per block of the block and split kernels (both families): the per-row work
+    (block reductions, the row's end) is spread over >= 32 values a thread where the row
+    allows, so short rows get small blocks (one warp up to C = 1024), many per SM."""
     if device.simulated:
         return SIM_BLOCK
-    if family == "ce":
-        # cross entropy's per-row work (two block reductions, the loss) is spread over >= 32
-        # values a thread where the row allows: shorter rows get smaller blocks, more per SM
-        return int(min(MAX_BLOCK, max(32, _pow2ceil(n_cls // 32))))
-    return int(min(MAX_BLOCK, max(128, _pow2ceil(n_cls // 8))))
+    return int(min(MAX_BLOCK, max(32, _pow2ceil(n_cls // 32))))
 
 
 def plan_for(n_rows, n_cls, dtype_name, device, family="ce", key=None, strategy=None,
@@ -228,7 +227,7 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
         name = f"{family}_{part}"
         return LaunchPlan(family, "warp", part, name, key, grid, block, 0, kernels=(name,),
                           launch_bound=WARP_BLOCK, min_blocks=warp_min_blocks(family, dt))
-    block = block_threads(n_cls, device, family)
+    block = block_threads(n_cls, device)
     if strategy == "block_cached":
         shared = cached_bytes(n_cls, dt)
         if shared + SMEM_BUFFERS > (STATIC_SMEM if device.simulated
