@@ -114,7 +114,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
     @device
     def capped_logit(v, cap, inv_cap, capped):
         if capped:
-            return cap * math.tanh(v * inv_cap)
+            return cap * R.tanh(v * inv_cap)
         return v
 
     @device
@@ -123,7 +123,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
         ``capped`` (cap > 0) is a constant where the kernel body is inlined: no test per step."""
         if capped:
             for k in range(K):
-                t = math.tanh(sv[k] * inv_cap)
+                t = R.tanh(sv[k] * inv_cap)
                 tv[k] = t
                 sv[k] = cap * t
         else:
@@ -202,7 +202,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
             z = sv[k]
             t = tv[k]
             if capped and not done_cap:
-                t = math.tanh(z * inv_cap)
+                t = R.tanh(z * inv_cap)
                 z = cap * t
             e = ev[k] if have_e else math.exp(z - m)
             gf = ONE - t * t if capped else ONE
@@ -252,6 +252,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
             capping = cap > ZERO
+            inv_cap = softcap_inverse(cap)
             n_steps = n_cls // K
             for first in range(i64(cuda.blockIdx.x) * per_block, n_rows,
                                i64(cuda.gridDim.x) * per_block):
@@ -275,8 +276,9 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                         AX.load(x, rs + s, sv)
                         if capping:
                             for k in range(K):
-                                sv[k] = R.capped(sv[k], cap)
-                                gfs[j * K + k] = R.grad_factor(sv[k], cap)
+                                t = R.tanh(sv[k] * inv_cap)
+                                sv[k] = cap * t
+                                gfs[j * K + k] = ONE - t * t
                         if MASKED:  # left out like the padding
                             R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                     else:  # padding: -inf, which adds nothing
