@@ -14,7 +14,7 @@ the simulator and the CPU test numpy's correctly rounded exp2 and 1/x.
 import math
 
 import numpy as np
-from numba import types
+from numba import cuda, types
 
 from .cuda_dtypes import SIMULATOR, device
 
@@ -27,14 +27,15 @@ P0, P1, P2, P3, P4 = (F(-0.333330899477005), F(0.13326787948608398), F(-0.053400
                       F(0.01968025602400303), F(-0.004777031950652599))
 
 
-def make_tanh(jit, ex2, rcp):
-    """tanh_f32(u) compiled by ``jit``, with ``ex2(v)`` = 2^v and ``rcp(v)`` = 1/v."""
+def make_tanh(jit, ex2, rcp, fma):
+    """tanh_f32(u) compiled by ``jit``, with ``ex2(v)`` = 2^v, ``rcp(v)`` = 1/v and
+    ``fma(a, b, c)`` = a b + c (here always exact before the rounding: b = -2)."""
     @jit
     def tanh_f32(u):
         a = abs(u)
         s = a * a
         small = a * s * ((((P4 * s + P3) * s + P2) * s + P1) * s + P0) + a
-        big = ONE - TWO * rcp(ex2(a * TWO_LOG2E) + ONE)
+        big = fma(rcp(ex2(a * TWO_LOG2E) + ONE), -TWO, ONE)  # (one FFMA, not two FADDs)
         return math.copysign(small if a < SMALL else big, u)  # (tanh(-0) = -0)
     return tanh_f32
 
@@ -45,6 +46,9 @@ if SIMULATOR:
 
     def rcp(v):
         return F(ONE / F(v))
+
+    def fma(a, b, c):
+        return F(F(a) * F(b) + F(c))
 else:
     from llvmlite import ir
     from numba.cuda.extending import intrinsic
@@ -64,4 +68,8 @@ else:
     ex2 = _approx_intrinsic("ex2.approx.ftz.f32")
     rcp = _approx_intrinsic("rcp.approx.ftz.f32")
 
-tanh_f32 = make_tanh(device, ex2, rcp)
+    @device
+    def fma(a, b, c):
+        return cuda.fma(a, b, c)
+
+tanh_f32 = make_tanh(device, ex2, rcp, fma)
