@@ -1195,10 +1195,12 @@ def ceilings(useful_bytes, dram_bytes, inflight_per_sm, instr_total, device):
 
 # ---- cases -----------------------------------------------------------------------------------
 
-def _plan(n_rows, n_cls, dt, family, limits):
+def _plan(n_rows, n_cls, dt, family, limits, softcap=False):
     from gpuce import _cuda_plan as P
     kw = {}
     params = inspect.signature(P.plan_for).parameters
+    if "softcap" in params:  # (the shared memory of a capped row)
+        kw["softcap"] = softcap
     if "family" in params:
         kw["family"] = family
     if "aligned" in params:  # a 16-byte aligned buffer: rows aligned iff their bytes are
@@ -1225,7 +1227,7 @@ def _lanes_per_row(plan, dt):
 
 def model_case(op, dt, n_rows, n_cls, device, limits):
     family, fixed, row_outputs = OPS[op]
-    plan = _plan(n_rows, n_cls, dt, family, limits)
+    plan = _plan(n_rows, n_cls, dt, family, limits, op == "ce_softcap")
     isz = DTYPE_BYTES[dt]
     kernels = tuple(plan.kernels) or (plan.kernel,)
     tpr = _lanes_per_row(plan, dt)
@@ -1433,7 +1435,7 @@ def _needed_kernels(ops, dtypes, shapes, limits):
     for op in ops:
         for dt in dtypes:
             for n, c in shapes:
-                plan = _plan(n, c, dt, OPS[op][0], limits)
+                plan = _plan(n, c, dt, OPS[op][0], limits, op == "ce_softcap")
                 for name in tuple(plan.kernels) or (plan.kernel,):
                     if (name, plan.key) not in need:
                         need.append((name, plan.key))

@@ -168,20 +168,20 @@ def _allow_smem(name, key, nbytes, dev):
 
 
 def _plan(family, n_rows, n_cls, dt, dev, key=None, aligned=False, masked=False,
-          peelable=False):
+          peelable=False, softcap=False):
     """The launch plan (gpuce/_cuda_plan.py), with a forced strategy and the driver's
     answer to block_cached's shared-memory opt-in; ``masked`` names the class-mask
     variants of its kernels."""
     forced = _forced_strategy()
     plan = _masked_plan(plan_for(n_rows, n_cls, dt, dev, family, key, forced, aligned,
-                                 peelable), masked)
+                                 peelable, softcap), masked)
     if plan.strategy == "block_cached" and not _allow_smem(plan.kernel, plan.key,
                                                            plan.shared_bytes, dev):
         if forced:
             raise ValueError(f"strategy: block_cached cannot hold {n_cls} {dt} values per "
                              f"row in shared memory on this device")
         plan = _masked_plan(plan_for(n_rows, n_cls, dt, dev, family, key, "block", aligned,
-                                     peelable), masked)
+                                     peelable, softcap), masked)
     return plan
 
 
@@ -407,7 +407,8 @@ class CudaBackend:
             ptrs = [lib.ptr(rows)] + [lb.ptr(a) for lb, a in ((g_lib, g), (q_lib, q))
                                       if a is not None]
             plan = _plan("ce", n_rows, n_cls, dt, _device_limits(lib.device(x)), key,
-                         row_aligned(n_cls, dt, *ptrs), masked=bool(mask_args))
+                         row_aligned(n_cls, dt, *ptrs), masked=bool(mask_args),
+                         softcap=bool(req.softcap and req.softcap > 0))
             view = _WORDS if plan.vectorized else T.raw
             x_v = lib.kview(rows, view)
             g_v = x_v if g is None else g_lib.kview(g, view)

@@ -156,20 +156,23 @@ def _pow2ceil(n):
     return 1 << max(0, int(n - 1).bit_length())
 
 
-def auto_strategy(n_rows, n_cls, dt, device):
+def auto_strategy(n_rows, n_cls, dt, device, softcap=False):
     """The strategy table above, as code."""
     if n_cls <= warp_capacity("warp", dt):
         return "warp"
     if n_rows < device.sm_count and n_cls >= SPLIT_MIN_C:
         return "split"
-    if cached_bytes(n_cls, dt) + SMEM_BUFFERS <= device.max_shared_per_block_optin:
+    if cached_bytes(n_cls, dt, softcap) + SMEM_BUFFERS <= device.max_shared_per_block_optin:
         return "block_cached"
     return "block"
 
 
-def cached_bytes(n_cls, dt):
+def cached_bytes(n_cls, dt, softcap=False):
     """Dynamic shared memory of block_cached: the row as stored (half rows stay 2 bytes a
-    value, so rows up to ~110k fit in an H100's 227 KiB)."""
+    value, so rows up to ~110k fit in an H100's 227 KiB). Cross entropy with a softcap
+    caches tanh(x / cap) in float32 instead (one tanh a value, not one a pass)."""
+    if softcap and dt in ("float16", "bfloat16"):
+        return n_cls * 4
     return n_cls * _ITEM_BYTES[dt]
 
 
@@ -183,7 +186,7 @@ def block_threads(n_cls, device):
 
 
 def plan_for(n_rows, n_cls, dtype_name, device, family="ce", key=None, strategy=None,
-             aligned=None, peelable=True):
+             aligned=None, peelable=True, softcap=False):
     """The LaunchPlan for n_rows x n_cls logits of ``dtype_name`` on ``device``.
     ``strategy`` forces one (ValueError if it cannot hold the row); ``key`` defaults to the
     dtype (cross entropy with half logits and float32 soft targets passes (dt, "float32")).
@@ -191,11 +194,12 @@ def plan_for(n_rows, n_cls, dtype_name, device, family="ce", key=None, strategy=
     (kernel names ending in ``_vec``) runs; None assumes freshly allocated arrays (aligned
     when C x element size is a multiple of 16). ``peelable``: the row arrays' addresses
     are aligned to the element size and equal modulo 16 (true of fresh arrays and in-place
-    calls), so a peeling kernel takes unaligned rows too."""
+    calls), so a peeling kernel takes unaligned rows too. ``softcap``: cross entropy with
+    a softcap (block_cached's shared memory, see cached_bytes)."""
     dt = dtype_name
     if aligned is None:
         aligned = row_aligned(n_cls, dt)
-    plan = _plan(n_rows, n_cls, dt, device, family, key, strategy)
+    plan = _plan(n_rows, n_cls, dt, device, family, key, strategy, softcap)
     peeled = not aligned and peelable and family == "softmax" and plan.strategy != "warp"
     if not (aligned or peeled):
         return plan
@@ -209,10 +213,11 @@ def row_aligned(n_cls, dt, *pointers):
                                                              for p in pointers)
 
 
-def _plan(n_rows, n_cls, dt, device, family, key, strategy):
+def _plan(n_rows, n_cls, dt, device, family, key, strategy, softcap=False):
     key = dt if key is None else key
     forced = strategy
-    strategy = forced or auto_strategy(n_rows, n_cls, dt, device)
+    softcap = softcap and family == "ce"
+    strategy = forced or auto_strategy(n_rows, n_cls, dt, device, softcap)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
     if strategy == "warp":
@@ -229,7 +234,7 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy):
                           launch_bound=WARP_BLOCK, min_blocks=warp_min_blocks(family, dt))
     block = block_threads(n_cls, device)
     if strategy == "block_cached":
-        shared = cached_bytes(n_cls, dt)
+        shared = cached_bytes(n_cls, dt, softcap)
         if shared + SMEM_BUFFERS > (STATIC_SMEM if device.simulated
                                     else device.max_shared_per_block_optin):
             if forced:

@@ -114,7 +114,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
     @device
     def capped_logit(v, cap, inv_cap, capped):
         if capped:
-            return cap * math.tanh(v * inv_cap)
+            return cap * R.tanh(v * inv_cap)
         return v
 
     @device
@@ -123,7 +123,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
         ``capped`` (cap > 0) is a constant where the kernel body is inlined: no test per step."""
         if capped:
             for k in range(K):
-                t = math.tanh(sv[k] * inv_cap)
+                t = R.tanh(sv[k] * inv_cap)
                 tv[k] = t
                 sv[k] = cap * t
         else:
@@ -202,7 +202,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
             z = sv[k]
             t = tv[k]
             if capped and not done_cap:
-                t = math.tanh(z * inv_cap)
+                t = R.tanh(z * inv_cap)
                 z = cap * t
             e = ev[k] if have_e else math.exp(z - m)
             gf = ONE - t * t if capped else ONE
@@ -252,6 +252,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
             capping = cap > ZERO
+            inv_cap = softcap_inverse(cap)
             n_steps = n_cls // K
             for first in range(i64(cuda.blockIdx.x) * per_block, n_rows,
                                i64(cuda.gridDim.x) * per_block):
@@ -275,8 +276,9 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                         AX.load(x, rs + s, sv)
                         if capping:
                             for k in range(K):
-                                sv[k] = R.capped(sv[k], cap)
-                                gfs[j * K + k] = R.grad_factor(sv[k], cap)
+                                t = R.tanh(sv[k] * inv_cap)
+                                sv[k] = cap * t
+                                gfs[j * K + k] = ONE - t * t
                         if MASKED:  # left out like the padding
                             R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                     else:  # padding: -inf, which adds nothing
@@ -367,7 +369,10 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
         cached = strategy == "block_cached"
         # half rows are cached as stored (2 bytes a value, twice the row that fits), and
         # widened again in each pass; float32/float64 rows as values (the logit, or with a
-        # softcap t = tanh(x / cap)), then exp(z - m)
+        # softcap t = tanh(x / cap)), then exp(z - m). With a softcap every row caches t in
+        # the accumulator type (the host gives half rows 4 bytes a value): one tanh a value,
+        # not one a pass; without soft targets or smoothing, the second pass turns t into
+        # e (1 - t^2), the gradient over k_p
         RAWC = cached and dt in ("float16", "bfloat16")
         RAW = AX.RAW if RAWC else acc
         NW = AX.NW if RAWC else 1
@@ -384,9 +389,19 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
             """block_cached's first pass over one loaded step (rv: its stored words when
             RAWC, else sv: its values): into the cache, and into the max."""
             if RAWC:
-                for j in range(NW):
-                    cache_r[U(s * NW + j)] = rv[j]
+                if not capped:
+                    for j in range(NW):
+                        cache_r[U(s * NW + j)] = rv[j]
                 AX.unpack_raw(rv, sv)
+            if capped:  # t into the cache, and into the max of t (z = cap t increases with t)
+                for k in range(K):
+                    t = R.tanh(sv[k] * inv_cap)
+                    if MASKED:
+                        t = R.keep_live(t, mask, mo + s * K + k, NEG_INF)
+                    cache[U(s * K + k)] = t
+                    if t > m:
+                        m = t
+                return m
             cap_step(sv, tv, cap, inv_cap, capped)
             if MASKED:
                 R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
@@ -401,7 +416,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
         @device
         def cached_logits(sv, tv, rv, s, cache, cache_r, cap, inv_cap, capped):
             """sv = a cached step's capped logits, tv = t (RAWC and FCACHE)."""
-            if RAWC:
+            if RAWC and not capped:
                 for j in range(NW):
                     rv[j] = cache_r[U(s * NW + j)]
                 AX.unpack_raw(rv, sv)
@@ -410,6 +425,17 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                 for k in range(K):
                     tv[k] = cache[U(s * K + k)]
                 uncap_step(tv, sv, cap, capped)
+
+        @device
+        def target_value(x, row, n_cls, y, state, soft, inv_cap, capped):
+            """The target's logit, or with a softcap its t (z_y = cap t); read before the
+            barriers that precede any (in-place) write."""
+            v = ZERO
+            if state == ACTIVE and not soft:
+                v = AX.elem(x, row * n_cls + y)
+                if capped:
+                    v = R.tanh(v * inv_cap)
+            return v
 
         @device
         def block_body(x, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls, ignore_index,
@@ -436,11 +462,11 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
             # 32-bit indices within a row (steps, shared memory); 64-bit only for row bases
             tid = i32(cuda.threadIdx.x)
             bd = i32(cuda.blockDim.x)
-            inv_ce, inv_z = R.divisors(st, use_st, inv_ce, inv_z)
             keep = ONE - eps
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
             inv_cap = softcap_inverse(cap)
+            pair = PAIR or capped  # (capped half rows: 4 bytes a value, fewer blocks an SM)
             n_steps = i32(n_cls // K)
             row = i64(cuda.blockIdx.x)
             while row < n_rows:
@@ -453,11 +479,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                 if MASKED:
                     state, y = R.masked_target(state, y, mask, mo)
                     smooth = R.live_smooth(eps, n_live, row, m_stride)
-                z_y = ZERO
-                if state == ACTIVE and not soft:
-                    # before the barriers that precede any write
-                    z_y = capped_logit(AX.elem(x, row * n_cls + y), cap, inv_cap,
-                                       capped)
+                if not cached:
+                    v_y = target_value(x, row, n_cls, y, state, soft, inv_cap, capped)
                 m = NEG_INF
                 se = ZERO
                 big_q = ZERO
@@ -468,22 +491,25 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                         s_b = i32(s + bd)
                         if RAWC:
                             AX.raw(x, rs + s, rv)
-                            if PAIR and s_b < n_steps:
+                            if pair and s_b < n_steps:
                                 AX.raw(x, rs + s_b, rv_b)
                         else:
                             AX.load(x, rs + s, sv)
-                            if PAIR and s_b < n_steps:
+                            if pair and s_b < n_steps:
                                 AX.load(x, rs + s_b, sv_b)
                         m = cache_step(rv, sv, tv, s, m, cache, cache_r, cap, inv_cap, capped, mask, mo)
-                        if PAIR and s_b < n_steps:
+                        if pair and s_b < n_steps:
                             m = cache_step(rv_b, sv_b, tv, s_b, m, cache, cache_r, cap, inv_cap, capped,
                                            mask, mo)
-                        s = i32(s_b + bd) if PAIR else s_b
-                    m = R.finite_max(RD.block_max(m, buf_m))
+                        s = i32(s_b + bd) if pair else s_b
+                    m = RD.block_max(m, buf_m)
+                    m = R.finite_max(cap * m if capped else m)  # (the max of t -> of z)
+                    # read here (not live through the first pass), still before a barrier
+                    v_y = target_value(x, row, n_cls, y, state, soft, inv_cap, capped)
                     s = tid
                     while s < n_steps:
                         cached_logits(sv, tv, rv, s, cache, cache_r, cap, inv_cap, capped)
-                        if RAWC and MASKED:
+                        if RAWC and MASKED and not capped:
                             R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
                         for k in range(K):
                             ev[k] = math.exp(sv[k] - m)
@@ -491,6 +517,9 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                         if FCACHE and not capped:  # each thread only touches its own columns
                             for k in range(K):
                                 cache[U(s * K + k)] = ev[k]
+                        if capped and not dist:  # e (1 - t^2): the gradient is k_p times it
+                            for k in range(K):
+                                cache[U(s * K + k)] = ev[k] * (ONE - tv[k] * tv[k])
                         if dist:
                             big_q, qz = dist_step(q, w, rs, s, sv, qv, m, big_q, qz, soft,
                                                   weighted, keep, smooth, mask, mo)
@@ -521,8 +550,11 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                         state = BAD  # probability on a masked class
                 t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
                                           go_scalar, row)
-                lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, inv_ce,
-                                             inv_z, go_v)
+                z_y = cap * v_y if capped else v_y
+                # the divisors read per row: not held in registers through the row's passes
+                d_ce, d_z = R.divisors(st, use_st, inv_ce, inv_z)
+                lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, d_ce, d_z,
+                                             go_v)
                 if tid == 0:
                     if total:
                         row_sum[0] += f64(lv)
@@ -535,6 +567,21 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
                         for k in range(K):
                             sv[k] = ZERO
                         while s < n_steps:
+                            AX.store(g, rs + s, sv)
+                            s = i32(s + bd)
+                    elif cached and capped and not dist:
+                        # the cache holds e (1 - t^2); the target's p - 1 is formed from its
+                        # own e before the chain factor (no cancellation of rounded products)
+                        g_y = (k_p * math.exp(z_y - m) - k_y) * (ONE - v_y * v_y)
+                        while s < n_steps:
+                            for k in range(K):
+                                sv[k] = k_p * cache[U(s * K + k)]
+                            if s == ys:
+                                for k in range(K):
+                                    if k == yk:
+                                        sv[k] = g_y
+                            if MASKED:
+                                R.mask_out(sv, mask, mo + s * K, K, ZERO)
                             AX.store(g, rs + s, sv)
                             s = i32(s + bd)
                     elif cached:

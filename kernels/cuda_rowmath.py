@@ -7,8 +7,8 @@ Both are ``t_y (lse - z_y) + Q (lse - m) - qz`` with Q = sum_c wq_c, qz = sum_c 
 (m the row max: large logits cancel exactly) and wq_c = w_c ((1-e) q_c + e/C); t_y =
 (1-e) w_y for a hard target, 0 for soft targets.
 Gradient wrt z: a_ce (K p_c - wq_c - t_y [c == y]) + a_z 2 zl lse p_c with K = t_y + Q,
-chained through softcap by (1 - (z/cap)^2). ``finish`` turns the row's (max, sum, Q, qz,
-z_y) into the loss and the coefficients of ``grad`` = (k_p e_c - coef_c) gf_c, where
+chained through the softcap z = cap tanh(x / cap) by 1 - tanh^2. ``finish`` turns the row's
+(max, sum, Q, qz, z_y) into the loss and the coefficients of ``grad`` = (k_p e_c - coef_c) gf_c, where
 e_c = exp(z_c - m), coef_c = k_q wq_c + k_y [c == y].
 
 Row states: IDLE (ignored, or past the last row) gives loss 0 and a zero gradient; a bad
@@ -21,6 +21,7 @@ import numpy as np
 from numba import types
 
 from .cuda_dtypes import device, namespace, traits
+from .cuda_tanh import tanh_f32
 
 IDLE, ACTIVE, BAD = 0, 1, 2
 U = types.uint64  # unsigned indices: no negative-index wraparound code
@@ -39,25 +40,12 @@ def rowmath(dt, qdt=None):
     NEG_INF, ZERO, ONE, TWO = A(-np.inf), A(0.0), A(1.0), A(2.0)
     INF, NAN = A(np.inf), A(np.nan)
 
-    @device
-    def capped(z, cap):
-        """The softcap: cap tanh(z / cap) when cap > 0 (z in the accumulator type)."""
-        if cap > ZERO:
-            z = cap * math.tanh(z / cap)
-        return z
-
-    @device
-    def logit(v, cap):
-        """A stored logit as the accumulator type, softcapped when cap > 0."""
-        return capped(load(v), cap)
-
-    @device
-    def grad_factor(z, cap):
-        """d(cap tanh(x / cap)) / dx written with the capped z."""
-        if cap > ZERO:
-            t = z / cap
-            return ONE - t * t
-        return ONE
+    if A is np.float32:
+        tanh = tanh_f32  # no libdevice, no division: the softcap's cap tanh(x (1/cap))
+    else:
+        @device
+        def tanh(u):
+            return math.tanh(u)
 
     @device
     def online(m, s, z):
@@ -225,9 +213,9 @@ def rowmath(dt, qdt=None):
             return wq
         return NAN if qc != ZERO else ZERO
 
-    return namespace(T=T, capped=capped, keep_live=keep_live, mask_out=mask_out,
+    return namespace(T=T, tanh=tanh, keep_live=keep_live, mask_out=mask_out,
                      masked_target=masked_target, live_smooth=live_smooth, drop=drop, weight_of=weight_of, grad_value=grad_value,
-                     coef_of=coef_of, logit=logit, grad_factor=grad_factor, online=online,
+                     coef_of=coef_of, online=online,
                            dist_term=dist_term, rebase=rebase, finite_max=finite_max, class_weight=class_weight,
                            hard_target=hard_target, grad_scale=grad_scale, row_weights=row_weights,
                            divisors=divisors,

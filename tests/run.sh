@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 sim_log=$(mktemp)
-NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -p no:cacheprovider tests/test_cuda_sim.py tests/test_cuda_sim_reliability.py tests/test_fuzz.py "$@" \
+NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -p no:cacheprovider tests/test_cuda_sim.py tests/test_cuda_sim_reliability.py tests/test_fuzz.py tests/test_cuda_tanh.py "$@" \
     > "$sim_log" 2>&1 &
 sim_pid=$!
 main_rc=0

@@ -286,16 +286,19 @@ def test_vectorized_variants(case, dt, monkeypatch):
     check_array(grad, ref_grad, dt, "grad in place")
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("strategy", ["warp", "block_cached"])
 @pytest.mark.parametrize("dt", ["bfloat16", "float16"])
-def test_half_target_gradient_rounded_once(dt):
+def test_half_target_gradient_rounded_once(dt, strategy, softcap):
     """p_y close to 1: the target's p - 1 is formed in fp32 and rounded once (rounding p
-    first would give 0 or a 100% error)."""
+    first would give 0 or a 100% error); with a softcap (p - 1 ~ -4e-4), also through
+    block_cached's cached e (1 - t^2)."""
     x = np.zeros((2, 40))
     x[:, 5] = 12.0
     x = rounded(x, dt)
     t = np.array([5, 5])
-    _, grad = run_ce(x, t, "warp", reduction="sum")
-    _, ref_grad = ref_cross_entropy(x, t, reduction="sum")
+    _, grad = run_ce(x, t, strategy, reduction="sum", softcap=softcap)
+    _, ref_grad = ref_cross_entropy(x, t, reduction="sum", softcap=softcap)
     assert ref_grad[0, 5] != 0
     check_array(grad, ref_grad, dt, "grad")
 
