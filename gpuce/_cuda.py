@@ -406,14 +406,23 @@ class CudaBackend:
         if n_rows:
             ptrs = [lib.ptr(rows)] + [lb.ptr(a) for lb, a in ((g_lib, g), (q_lib, q))
                                       if a is not None]
+            # the peeling kernel takes x and g at one phase (q it reads by element)
+            phase = row_phase(ptrs[0], dt)
+            peelable = phase is not None and (g is None or g_lib.ptr(g) % 16 == ptrs[0] % 16)
             plan = _plan("ce", n_rows, n_cls, dt, _device_limits(lib.device(x)), key,
                          row_aligned(n_cls, dt, *ptrs), masked=bool(mask_args),
-                         softcap=bool(req.softcap and req.softcap > 0))
-            view = _WORDS if plan.vectorized else T.raw
-            x_v = lib.kview(rows, view)
-            g_v = x_v if g is None else g_lib.kview(g, view)
-            q_v = (x_v if q is None else
-                   q_lib.kview(q, _WORDS if plan.vectorized else traits(_dtype_name(q)).raw))
+                         softcap=bool(req.softcap and req.softcap > 0), peelable=peelable)
+            if plan.peeled:  # (storage view, int32 view from the first 16-byte boundary)
+                x_v = (lib.kview(rows, T.raw), _word_view(lib, rows, phase, dt))
+                g_v = (x_v if g is None else
+                       (g_lib.kview(g, T.raw), _word_view(g_lib, g, phase, dt)))
+                q_v = x_v[0] if q is None else q_lib.kview(q, traits(_dtype_name(q)).raw)
+            else:
+                view = _WORDS if plan.vectorized else T.raw
+                x_v = lib.kview(rows, view)
+                g_v = x_v if g is None else g_lib.kview(g, view)
+                q_v = (x_v if q is None else
+                       q_lib.kview(q, _WORDS if plan.vectorized else traits(_dtype_name(q)).raw))
             ints = (np.int64(n_rows), np.int64(n_cls), np.int64(req.ignore_index),
                     np.int64(req.soft), np.int64(weighted), np.int64(req.want_grad),
                     np.int64(go_mode), np.int64(use_st), np.int64(total))
@@ -429,6 +438,10 @@ class CudaBackend:
                 _launch(plan.kernels[1], key, plan.grid, plan.block, stream, 0, x_v, g_v, q_v,
                         t_v, w_v, go_v, loss_v, st_v, part, ctr_v, ws, *ints, *floats,
                         np.int64(plan.n_split), *mask_args)
+            elif plan.peeled:
+                _launch(plan.kernel, key, plan.grid, plan.block, stream, plan.shared_bytes,
+                        *x_v, *g_v, q_v, t_v, w_v, go_v, loss_v, st_v, part, ctr_v, *ints,
+                        *floats, np.int64(phase), *mask_args)
             else:
                 _launch(plan.kernel, key, plan.grid, plan.block, stream, plan.shared_bytes,
                         x_v, g_v, q_v, t_v, w_v, go_v, loss_v, st_v, part, ctr_v, *ints,

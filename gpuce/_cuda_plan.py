@@ -32,16 +32,18 @@ no spills (tests/test_ptx.py).
 
 Launch bounds of the other kernels (kernels/cuda_registry.py): block kernels (block_cached,
 block, split; softmax and cross entropy) 512 threads, 2 blocks per SM (<= 64 registers, no
-spills; float64 1; cross entropy's block 1, with two loads a thread in flight).
+spills; float64 1; cross entropy's block and peeled block_cached 1, with two loads a thread
+in flight).
 
 Each kernel has a 128-bit variant (``<name>_vec``: 16-byte loads and stores of 4 fp32, 8
 fp16/bf16 or 2 fp64 values), taken when every row of the logits, gradient/output and soft
 targets starts on 16 bytes (row bytes a multiple of 16, aligned base pointers); otherwise
 the scalar kernel runs (e.g. C = 50257, or an offset view) -- but for the softmax family's
-block kernels (block_cached, block, split), which then take their peeled 128-bit variant
-(``<name>_peel``, ``LaunchPlan.peeled``: each row's head and tail element by element, the
-rest in 16-byte steps; kernels/cuda_vec.py, ``peel``), as long as x and out sit at the same
-offset from 16 bytes, aligned to the element size.
+block kernels (block_cached, block, split) and cross entropy's block_cached (``peels``),
+which then take their peeled 128-bit variant (``<name>_peel``, ``LaunchPlan.peeled``: each
+row's head and tail element by element, the rest in 16-byte steps; kernels/cuda_vec.py,
+``peel``), as long as x and out (the gradient) sit at the same offset from 16 bytes, aligned
+to the element size (cross entropy's soft targets are read by element: any offset).
 
 ``block_cached`` falls back to ``block`` when the kernel cannot opt in to that much shared
 memory (the backend asks the driver). Every kernel loops over its rows with a grid stride,
@@ -58,7 +60,7 @@ STATIC_SMEM = 48 * 1024   # shared memory a block gets without opting in
 SMEM_BUFFERS = 2048       # static shared memory of the kernels (ptxas: at most ~1.6 KiB)
 GRID_PER_SM = 64          # grid cap: blocks per SM (grid-stride loops cover the rest)
 VEC = "_vec"              # kernel name suffix of the 128-bit variant (kernels/cuda_vec.py)
-PEEL = "_peel"            # ... of the peeled 128-bit variant (softmax block kernels)
+PEEL = "_peel"            # ... of the peeled 128-bit variant (``peels``)
 VEC_BYTES = 16
 
 # warp kernels, smallest first: part -> (lanes per row, values per lane held in registers;
@@ -200,11 +202,23 @@ def plan_for(n_rows, n_cls, dtype_name, device, family="ce", key=None, strategy=
     if aligned is None:
         aligned = row_aligned(n_cls, dt)
     plan = _plan(n_rows, n_cls, dt, device, family, key, strategy, softcap)
-    peeled = not aligned and peelable and family == "softmax" and plan.strategy != "warp"
+    peeled = not aligned and peelable and peels(family, plan.strategy)
     if not (aligned or peeled):
         return plan
     names = tuple(n + (PEEL if peeled else VEC) for n in plan.kernels)
-    return replace(plan, kernel=names[0], kernels=names, vectorized=True, peeled=peeled)
+    plan = replace(plan, kernel=names[0], kernels=names, vectorized=True, peeled=peeled)
+    if peeled and family == "ce":  # its launch bound: one block an SM, two loads in flight
+        plan = replace(plan, min_blocks=1)
+    return plan
+
+
+def peels(family, strategy):
+    """Has the strategy a peeled 128-bit variant (rows anywhere)? softmax: the block kernels;
+    cross entropy: block_cached, whose sums read the cached row by column, so a row's bits
+    do not depend on its offset (its block and split kernels would sum in memory order)."""
+    if family == "ce":
+        return strategy == "block_cached"
+    return strategy != "warp"
 
 
 def row_aligned(n_cls, dt, *pointers):

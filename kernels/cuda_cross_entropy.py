@@ -60,13 +60,13 @@ from numba import cuda, types
 from .cuda_dtypes import DTYPES, array, device, traits
 from .cuda_reduce import grid_sums, reductions
 from .cuda_rowmath import ACTIVE, BAD, IDLE, rowmath
-from .cuda_vec import access, step_elems
+from .cuda_vec import access, i16_hi, i16_lo, peel, step_elems
 from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
 
 U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
 
 
-def ce_signature(dt, kind, qdt=None, vec=False, masked=False):
+def ce_signature(dt, kind, qdt=None, vec=False, masked=False, peeled=False):
     T = traits(dt)
     st, acc = array(T.storage), array(T.acc)
     qt = array(traits(qdt or dt).storage)
@@ -74,6 +74,11 @@ def ce_signature(dt, kind, qdt=None, vec=False, masked=False):
         st = qt = array(types.int32)
     i64, a = types.int64, T.acc
     tail = (array(types.boolean), i64, acc) if masked else ()  # mask, m_stride, n_live
+    if peeled:  # x and g as (storage, int32) views (cuda_vec.peel), q by element; ..., phase
+        xa = (st, array(types.int32))
+        head = (*xa, *xa, qt, array(i64), acc, acc, acc, acc, array(types.float64),
+                array(types.int32))
+        return types.void(*head, *(i64,) * 9, *(a,) * 6, i64, *tail)
     if kind == "split_partial":
         return types.void(st, qt, array(i64), acc, acc, i64, i64, i64, i64, i64, a, a, i64,
                           *tail)
@@ -84,11 +89,12 @@ def ce_signature(dt, kind, qdt=None, vec=False, masked=False):
 
 
 @lru_cache(maxsize=None)
-def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
+def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
     """The Python function of one strategy's kernel for logits stored as ``dt`` (and soft
     targets as ``qdt``: float32 probabilities with half logits are used as given). ``vec``:
     the 128-bit variant (x, g, q are int32 views; every row start 16-byte aligned).
-    ``masked``: the class-mask variant (see the module docstring)."""
+    ``masked``: the class-mask variant (see the module docstring). ``peeled``
+    (block_cached): the 128-bit variant for rows anywhere (see ``peel_cached`` below)."""
     MASKED = masked
     R = rowmath(dt, qdt)
     RD = reductions(R.T.acc_np)
@@ -97,7 +103,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
     f64 = types.float64
     NEG_INF, ZERO, ONE = R.NEG_INF, R.ZERO, R.ONE
     i64 = types.int64
-    K = step_elems(dt) if vec else 1  # elements per memory access
+    K = step_elems(dt) if vec or peeled else 1  # elements per memory access
     AX = access(dt, K)
     AQ = access(qdt or dt, K)
 
@@ -364,6 +370,289 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False):
             if total:
                 GS.grid_total(row_sum, part, ctr, 1, loss, buf_t, flag)
         return ce_warp if MASKED else _unmasked_main(ce_warp)
+
+    if strategy == "block_cached" and peeled:
+        # Rows anywhere (any C, offset views): the first pass streams the row in 16-byte steps
+        # (cuda_vec.peel; head and tail element by element) into the cache at each value's
+        # *column*, taking the max (exact in any order). The sums then read the cache in the
+        # aligned kernel's column steps (thread tid: steps tid, tid + bd, ...; the last partial
+        # step after them), so a row's bits do not depend on where it starts in memory (batch
+        # invariance) and equal the aligned kernel's when C is a multiple of K. The gradient
+        # is elementwise, so it is written in 16-byte steps again.
+        PL = peel(dt, K)
+        LOG_K = K.bit_length() - 1
+        RAWC = dt in ("float16", "bfloat16")  # half rows cached as stored, 2 bytes a value
+        RAW = PL.RAW if RAWC else acc
+        NW = PL.NW if RAWC else 1
+        FCACHE = not RAWC
+        # two steps a trip in flight: one 512-thread block an SM (the launch bound: its
+        # soft-target path, reading q by column, takes ~94 registers in bf16 on sm_90)
+        PAIR = True
+        load_s = R.T.load
+        qload = traits(qdt or dt).load
+
+        @device
+        def peel_cache_step(rv, sv, tv, c0, m, cache, cache_h, cap, inv_cap, capped, mask, mo):
+            """The first pass over one loaded step (rv: its words when RAWC, else sv: its
+            values) of columns c0..c0+K-1: into the cache, and into the max."""
+            if RAWC:
+                for j in range(NW):
+                    cache_h[U(c0 + 2 * j)] = i16_lo(rv[j])
+                    cache_h[U(c0 + 2 * j + 1)] = i16_hi(rv[j])
+                PL.unpack_raw(rv, sv)
+            cap_step(sv, tv, cap, inv_cap, capped)
+            if MASKED:
+                R.mask_out(sv, mask, mo + c0, K, NEG_INF)
+                R.mask_out(tv, mask, mo + c0, K, NEG_INF)
+            for k in range(K):
+                if FCACHE:
+                    cache[U(c0 + k)] = tv[k]
+                if sv[k] > m:
+                    m = sv[k]
+            return m
+
+        @device
+        def cached_cols(sv, tv, rv, c0, n, words, cache, cache_r, cache_s, cap, inv_cap, capped):
+            """sv, tv = the capped logits and t of cached columns c0..c0+n-1 (n <= K; the other
+            slots 0), as cached_logits; ``words``: c0 is a column step's (whole words)."""
+            if RAWC:
+                if words:
+                    for j in range(NW):
+                        rv[j] = cache_r[U((c0 >> 1) + j)]
+                    PL.unpack_raw(rv, sv)
+                else:
+                    for k in range(K):
+                        sv[k] = load_s(cache_s[U(c0 + k)]) if k < n else ZERO
+                cap_step(sv, tv, cap, inv_cap, capped)
+            else:
+                for k in range(K):
+                    tv[k] = cache[U(c0 + k)] if k < n else ZERO
+                uncap_step(tv, sv, cap, capped)
+
+        @device
+        def wq_col(q, w, qrow, c, soft, weighted, keep, smooth):
+            """(wq, q) of column c (soft targets read by column: q need not share x's phase)."""
+            qc = qload(q[U(qrow + c)]) if soft else ZERO
+            return R.weight_of(qc, w, c, weighted, keep, smooth), qc
+
+        @device
+        def sum_cols(sv, tv, ev, rv, q, w, qrow, c0, n, words, m, se, big_q, qz, dist, soft,
+                     weighted, keep, smooth, cap, inv_cap, capped, cache, cache_r, cache_s, mask,
+                     mo):
+            """Columns c0..c0+n-1 into (sum exp, Q, qz): the aligned kernel's second pass over
+            one step, value for value."""
+            cached_cols(sv, tv, rv, c0, n, words, cache, cache_r, cache_s, cap, inv_cap, capped)
+            if RAWC and MASKED:
+                R.mask_out(sv, mask, mo + c0, n, NEG_INF)
+            for k in range(K):
+                if k < n:
+                    ev[k] = math.exp(sv[k] - m)
+                    se += ev[k]
+            if FCACHE and not capped:  # the cache holds exp(z - m) from here
+                for k in range(K):
+                    if k < n:
+                        cache[U(c0 + k)] = ev[k]
+            if dist:
+                for k in range(K):
+                    if k < n:
+                        wq, qc = wq_col(q, w, qrow, c0 + k, soft, weighted, keep, smooth)
+                        if MASKED:
+                            wq = R.drop(wq, qc, mask[U(mo + c0 + k)])
+                        big_q += wq
+                        qz += R.dist_term(wq, sv[k], m)
+            return se, big_q, qz
+
+        @device
+        def grad_cols(sv, tv, ev, qv, q, w, qrow, c0, n, m, k_p, k_q, k_y, y, dist, soft,
+                      weighted, keep, smooth, cap, inv_cap, capped, mask, mo, have_e):
+            """sv, tv: cached columns c0..c0+n-1 (cached_cols) -> their gradient."""
+            if dist:
+                for k in range(K):
+                    qv[k] = wq_col(q, w, qrow, c0 + k, soft, weighted, keep, smooth)[0] \
+                        if k < n else ZERO
+            yk = y - c0
+            if yk >= 0 and yk < K:  # (y = -1 for soft targets)
+                grad_elems(sv, tv, ev, qv, m, k_p, k_q, k_y, yk, dist, cap, inv_cap, capped,
+                           True, have_e)
+            else:
+                grad_elems(sv, tv, ev, qv, m, k_p, k_q, k_y, -1, dist, cap, inv_cap, capped,
+                           True, have_e)
+            if MASKED:
+                R.mask_out(sv, mask, mo + c0, n, ZERO)
+
+        @device
+        def peel_body(x_elem, x, g_elem, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls,
+                      ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps, zl,
+                      cap, go_scalar, inv_ce, inv_z, phase, mask, m_stride, n_live, capped):
+            cache = cuda.shared.array(0, acc)  # the row's values (FCACHE)
+            cache_r = cuda.shared.array(0, RAW)  # ... as stored, by words (RAWC)
+            cache_s = cuda.shared.array(0, R.T.storage)  # ... by element
+            cache_h = cuda.shared.array(0, types.int16)  # ... by element, as bits
+            buf_m = cuda.shared.array(32, acc)
+            buf_s = cuda.shared.array(32, acc)
+            buf_t = cuda.shared.array(32, f64)
+            flag = cuda.shared.array(1, types.int32)
+            row_sum = cuda.shared.array(1, f64)
+            sv = cuda.local.array(K, acc)
+            sv_b = cuda.local.array(K, acc)
+            tv = cuda.local.array(K, acc)
+            ev = cuda.local.array(K, acc)
+            qv = cuda.local.array(K, acc)
+            rv = cuda.local.array(NW, RAW)
+            rv_b = cuda.local.array(NW, RAW)
+            if total and cuda.threadIdx.x == 0:
+                row_sum[0] = f64(0.0)
+            tid = i32(cuda.threadIdx.x)
+            bd = i32(cuda.blockDim.x)
+            dist = soft != 0 or eps > ZERO
+            inv_cap = softcap_inverse(cap)
+            have_e = FCACHE and not capped
+            row = i64(cuda.blockIdx.x)
+            while row < n_rows:
+                cuda.syncthreads()  # the previous row's passes are done with the cache
+                start, h, first, n_mid, n_edge = PL.parts(phase, row, n_cls)
+                h = i32(h)
+                n_mid = i32(n_mid)
+                n_edge = i32(n_edge)
+                mo = row * m_stride
+                keep = ONE - eps  # (per row, as the divisors below: fewer registers live)
+                smooth = eps / acc(n_cls)
+                if soft:
+                    state, y = ACTIVE, i64(-1)
+                else:
+                    state, y = R.hard_target(tgt, row, True, n_cls, ignore_index)
+                if MASKED:
+                    state, y = R.masked_target(state, y, mask, mo)
+                    smooth = R.live_smooth(eps, n_live, row, m_stride)
+                y = i32(y)
+                m = NEG_INF
+                if tid < n_edge:  # a head or tail element (its value in every slot); edges
+                    # go first: the loops over the middle then keep fewer values live
+                    ec = i32(PL.edge_col(tid, h, n_mid))
+                    r = x_elem[U(start + ec)]
+                    if RAWC:
+                        cache_s[U(ec)] = r
+                    for k in range(K):
+                        sv[k] = load_s(r)
+                    cap_step(sv, tv, cap, inv_cap, capped)
+                    if MASKED and not mask[U(mo + ec)]:
+                        sv[0] = NEG_INF
+                        tv[0] = NEG_INF
+                    if FCACHE:
+                        cache[U(ec)] = tv[0]
+                    if sv[0] > m:
+                        m = sv[0]
+                s = tid
+                while s < n_mid:
+                    s_b = i32(s + bd)
+                    if RAWC:
+                        PL.raw(x, first + s, rv)
+                        if PAIR and s_b < n_mid:
+                            PL.raw(x, first + s_b, rv_b)
+                    else:
+                        PL.load(x, first + s, sv)
+                        if PAIR and s_b < n_mid:
+                            PL.load(x, first + s_b, sv_b)
+                    m = peel_cache_step(rv, sv, tv, h + s * K, m, cache, cache_h, cap, inv_cap,
+                                        capped, mask, mo)
+                    if PAIR and s_b < n_mid:
+                        m = peel_cache_step(rv_b, sv_b, tv, h + s_b * K, m, cache, cache_h, cap,
+                                            inv_cap, capped, mask, mo)
+                    s = i32(s_b + bd) if PAIR else s_b
+                m = R.finite_max(RD.block_max(m, buf_m))  # (its barrier: the cache is whole)
+                z_y = ZERO
+                if state == ACTIVE and not soft:
+                    cached_cols(sv, tv, rv, y, 1, False, cache, cache_r, cache_s, cap, inv_cap,
+                                capped)
+                    z_y = sv[0]
+                    if have_e:
+                        cuda.syncthreads()  # read before the sums overwrite it with exp
+                se = ZERO
+                big_q = ZERO
+                qz = ZERO
+                n_cs = i32(n_cls >> LOG_K)  # the sums' whole column steps
+                n_rem = i32(n_cls) - n_cs * K  # ... and the last step's columns
+                s = tid
+                while s < n_cs:
+                    se, big_q, qz = sum_cols(sv, tv, ev, rv, q, w, start, s * K, K, True, m, se,
+                                             big_q, qz, dist, soft, weighted, keep, smooth, cap,
+                                             inv_cap, capped, cache, cache_r, cache_s, mask, mo)
+                    s = i32(s + bd)
+                if s == n_cs and n_rem > 0:  # the partial step n_cs, by the thread it falls to
+                    se, big_q, qz = sum_cols(sv, tv, ev, rv, q, w, start, n_cs * K, n_rem, False,
+                                             m, se, big_q, qz, dist, soft, weighted, keep, smooth,
+                                             cap, inv_cap, capped, cache, cache_r, cache_s, mask,
+                                             mo)
+                se = RD.block_sum(se, buf_s)
+                if dist:
+                    big_q = RD.block_sum(big_q, buf_m)
+                    qz = RD.block_sum(qz, buf_s)
+                    if MASKED and big_q != big_q and state == ACTIVE:
+                        state = BAD  # probability on a masked class
+                t_y, go_v = R.row_weights(state, soft, weighted, keep, w, y, go, go_mode,
+                                          go_scalar, row)
+                i_ce, i_z = R.divisors(st, use_st, inv_ce, inv_z)
+                lv, k_p, k_q, k_y = R.finish(state, m, se, z_y, t_y, big_q, qz, zl, i_ce, i_z,
+                                             go_v)
+                if tid == 0:
+                    if total:
+                        row_sum[0] += f64(lv)
+                    else:
+                        loss[U(row)] = lv
+                if write_grad:
+                    if tid < n_edge:  # (one 16-bit store in the kernel, see test_ptx)
+                        ec = i32(PL.edge_col(tid, h, n_mid))
+                        v = ZERO
+                        if state == ACTIVE:
+                            cached_cols(sv, tv, rv, ec, 1, False, cache, cache_r, cache_s, cap,
+                                        inv_cap, capped)
+                            if have_e:
+                                ev[0] = tv[0]
+                            grad_cols(sv, tv, ev, qv, q, w, start, ec, 1, m, k_p, k_q, k_y, y,
+                                      dist, soft, weighted, keep, smooth, cap, inv_cap, capped,
+                                      mask, mo, have_e)
+                            v = sv[0]
+                        PL.store1(g_elem, start + ec, v)
+                    s = tid
+                    if state != ACTIVE:
+                        for k in range(K):
+                            sv[k] = ZERO
+                        while s < n_mid:
+                            PL.store(g, first + s, sv)
+                            s = i32(s + bd)
+                    else:
+                        while s < n_mid:
+                            c0 = h + s * K
+                            cached_cols(sv, tv, rv, c0, K, False, cache, cache_r, cache_s, cap,
+                                        inv_cap, capped)
+                            if have_e:  # the cache holds exp(z - m)
+                                for k in range(K):
+                                    ev[k] = tv[k]
+                            grad_cols(sv, tv, ev, qv, q, w, start, c0, K, m, k_p, k_q, k_y, y,
+                                      dist, soft, weighted, keep, smooth, cap, inv_cap, capped,
+                                      mask, mo, have_e)
+                            PL.store(g, first + s, sv)
+                            s = i32(s + bd)
+                row += i64(cuda.gridDim.x)
+            if total:
+                GS.grid_total(row_sum[0] if tid == 0 else f64(0.0), part, ctr, 1, loss, buf_t,
+                              flag)
+
+        def ce_block_cached_peel(x_elem, x, g_elem, g, q, tgt, w, go, loss, st, part, ctr,
+                                 n_rows, n_cls, ignore_index, soft, weighted, write_grad,
+                                 go_mode, use_st, total, eps, zl, cap, go_scalar, inv_ce, inv_z,
+                                 phase, mask, m_stride, n_live):
+            if cap > ZERO:  # decided once (see ce_block)
+                peel_body(x_elem, x, g_elem, g, q, tgt, w, go, loss, st, part, ctr, n_rows,
+                          n_cls, ignore_index, soft, weighted, write_grad, go_mode, use_st,
+                          total, eps, zl, cap, go_scalar, inv_ce, inv_z, phase, mask, m_stride,
+                          n_live, True)
+            else:
+                peel_body(x_elem, x, g_elem, g, q, tgt, w, go, loss, st, part, ctr, n_rows,
+                          n_cls, ignore_index, soft, weighted, write_grad, go_mode, use_st,
+                          total, eps, zl, cap, go_scalar, inv_ce, inv_z, phase, mask, m_stride,
+                          n_live, False)
+        return ce_block_cached_peel if MASKED else _unmasked_peel(ce_block_cached_peel)
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
@@ -852,6 +1141,18 @@ def _unmasked_main(body):
             weighted, write_grad, go_mode, use_st, total, eps, zl, cap, go_scalar, inv_ce,
             inv_z, unused, tgt, types.int64(0), loss)
     return ce_main
+
+
+def _unmasked_peel(body):
+    run = device(body)
+
+    def ce_main_peel(x_elem, x, g_elem, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls,
+                     ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps, zl,
+                     cap, go_scalar, inv_ce, inv_z, phase):
+        run(x_elem, x, g_elem, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls,
+            ignore_index, soft, weighted, write_grad, go_mode, use_st, total, eps, zl, cap,
+            go_scalar, inv_ce, inv_z, phase, tgt, types.int64(0), loss)
+    return ce_main_peel
 
 
 def _unmasked_partial(body):

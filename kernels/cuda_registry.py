@@ -6,7 +6,8 @@ targets) pair: half logits with float32 probabilities), the accumulator dtype fo
 helpers, and a (source, destination) pair for ``convert``. ``all_specs()`` lists every combination gpuce can
 launch, for the PTX compile test and benchmarks/ptx_report.py. A main kernel's name ending in
 ``_vec`` is its 128-bit variant (int32 views of the rows, every row start 16-byte aligned);
-``_peel`` the softmax block kernels' 128-bit variant for rows anywhere (cuda_vec.peel).
+``_peel`` the 128-bit variant for rows anywhere (cuda_vec.peel) of the softmax block kernels
+and of cross entropy's block_cached.
 """
 from .cuda_cross_entropy import (MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, _INT_TYPES,
                                  ce_kernel, ce_signature, check_masked_targets_kernel,
@@ -23,6 +24,7 @@ HALF_SOFT = ("float16", "bfloat16")  # half logits also run with float32 soft ta
 VEC = "_vec"  # name suffix of the 128-bit variant (rows 16-byte aligned; see cuda_vec)
 PEEL = "_peel"  # ... of the softmax block kernels' 128-bit variant for rows anywhere
 PEELED_PARTS = ("block_cached", "block", "split_partial", "split_finish")
+CE_PEELED_PARTS = ("block_cached",)  # (its sums read the cached row by column: batch invariant)
 MASKED = "_masked"  # name part of the class-mask variant: <family>_<part>_masked[_vec]
 _PARTS = (*WARP_SHAPES, "block_cached", "block", "split_partial", "split_finish")
 
@@ -71,8 +73,12 @@ def spec(name, key):
     if name.startswith("ce_"):
         part = name[len("ce_"):]
         dt, qdt = key if isinstance(key, tuple) else (key, None)
-        return (ce_kernel(part, dt, qdt, vec, masked), ce_signature(dt, part, qdt, vec, masked),
-                _bound(part, "ce", dt))
+        if peeled and part not in CE_PEELED_PARTS:
+            raise KeyError(name + PEEL)
+        # (the peeled kernel: one block an SM, see _cuda_plan.plan_for)
+        return (ce_kernel(part, dt, qdt, vec, masked, peeled),
+                ce_signature(dt, part, qdt, vec, masked, peeled),
+                MAX_BLOCK if peeled else _bound(part, "ce", dt))
     if name == "check_targets":
         return check_targets_kernel(), check_targets_signature(), MAX_BLOCK
     if name == "check_masked_targets":
@@ -90,6 +96,9 @@ def all_specs(main_only=False):
     out += [(f"softmax_{part}{PEEL}", dt) for part in PEELED_PARTS for dt in DTYPES]
     out += [(f"ce_{part}{v}", (dt, "float32")) for part in _PARTS for dt in HALF_SOFT
             for v in ("", VEC)]
+    out += [(f"ce_{part}{PEEL}", dt) for part in CE_PEELED_PARTS for dt in DTYPES]
+    out += [(f"ce_{part}{PEEL}", (dt, "float32")) for part in CE_PEELED_PARTS
+            for dt in HALF_SOFT]
     if main_only:
         return out
     out += [("ce_target_stats", acc) for acc in ("float32", "float64")]

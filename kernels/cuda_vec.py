@@ -101,6 +101,12 @@ if SIMULATOR:
 
     def bf16_hi(w):
         return f32_of(int(w) & 0xFFFF0000)
+
+    def i16_lo(w):
+        return np.array(int(w) & 0xFFFF, dtype=np.uint16).view(np.int16)[()]
+
+    def i16_hi(w):
+        return np.array((int(w) >> 16) & 0xFFFF, dtype=np.uint16).view(np.int16)[()]
 else:
     from llvmlite import ir
     from numba.cuda import libdevice
@@ -205,6 +211,14 @@ else:
     @device
     def bf16_hi(w):
         return libdevice.int_as_float(types.int32(w & types.int32(-65536)))
+
+    @device
+    def i16_lo(w):
+        return types.int16(w)
+
+    @device
+    def i16_hi(w):
+        return types.int16(w >> 16)
 
 
 @lru_cache(maxsize=None)

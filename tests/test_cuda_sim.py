@@ -65,8 +65,8 @@ def case_shape(case, dt, cases=STRATEGY_CASES):
 
 
 def launched_part(names):
-    """The kernel part (cuda_registry: ce_<part>[_vec]) of the main kernels launched."""
-    parts = {n[len("ce_"):].removesuffix("_vec") for n in names
+    """The kernel part (cuda_registry: ce_<part>[_vec|_peel]) of the main kernels launched."""
+    parts = {n[len("ce_"):].removesuffix("_vec").removesuffix("_peel") for n in names
              if n.startswith("ce_") and n != "ce_target_stats"}
     return {"split" if p.startswith("split_") else p for p in parts}
 
@@ -420,6 +420,110 @@ def test_peeled_softmax_rows(strategy, dt, layout, monkeypatch):
         assert launched and all(n.endswith("_peel") for n in launched), launched
     np.testing.assert_array_equal(_guards(xbuf, x.size, phase), guards, "in place: guards")
     check_array(xd._ary, ref_log_softmax(x), dt, "log_softmax in place")
+
+
+# cross entropy's block_cached on rows anywhere (its _peel variant): the options run on
+# every dtype, soft targets also as float32 probabilities with half logits (another kernel)
+CE_PEEL_OPTIONS = ("all_hard_mean", "soft_smooth_weight_mean", "soft_f32", "class_mask")
+
+
+def _ce_peel_case(rng, dt, n_cls, opt, n_rows=3):
+    """(x, t, kw) of a CE_PEEL_OPTIONS option: class_mask is a per-row mask (NaN logits
+    where masked: never read into a sum) with smoothing, weights and a softcap."""
+    if opt == "class_mask":
+        x, t, kw = build_case(rng, n_rows, n_cls, dt, dict(reduction="none", weight=True,
+                                                            label_smoothing=0.2, softcap=4.0))
+        mask = rng.random(x.shape) < 0.7
+        mask[np.arange(n_rows), t] = True
+        x[~mask] = np.nan
+        kw["class_mask"] = mask
+        return x, t, kw
+    x, t, kw = build_case(rng, n_rows, n_cls, dt, OPTIONS["soft_smooth_weight_mean" if opt ==
+                                                           "soft_f32" else opt])
+    if opt == "soft_f32":
+        t = t.astype(np.float64)
+        t = (t / t.sum(-1, keepdims=True)).astype(np.float32)
+    return x, t, kw
+
+
+@pytest.mark.parametrize("opt", CE_PEEL_OPTIONS)
+@pytest.mark.parametrize("layout", ["unaligned_c", "offset_view"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_peeled_cross_entropy_rows(dt, layout, opt, monkeypatch):
+    """Cross entropy's block_cached takes rows at any offset from 16 bytes through its peeled
+    128-bit variant: the gradient written into the rows of a junk-filled buffer at the
+    logits' phase (out=; every element written, the guards either side untouched), and in
+    place, against the reference. Soft targets sit at phase 0 (read by element: any phase)."""
+    if opt == "soft_f32" and dt not in ("float16", "bfloat16"):
+        pytest.skip("float32 probabilities with half logits only")
+    n_cls, phase = PEEL_LAYOUTS[layout]
+    launched = record_launches(monkeypatch)
+    rng = rng_for("ce-peel", dt, layout, opt)
+    x, t, kw = _ce_peel_case(rng, dt, n_cls, opt)
+    ref_loss, ref_grad = ref_cross_entropy(x, t, **kw)
+    dev = {k: to_dev(v) for k, v in kw.items()}
+    xbuf, xd = _placed(x, phase, rng)
+    gbuf, gd = _placed(np.full(x.shape, np.nan, x.dtype), phase, rng)
+    guards = _guards(gbuf, x.size, phase)
+    with _cuda.force_strategy("block_cached"):
+        loss, grad = gpuce.cross_entropy_with_grad(xd, to_dev(t), out=gd, **dev)
+    main = [n for n in launched if n.startswith("ce_block")]
+    assert main and all(n.endswith("_peel") for n in main), launched
+    assert grad is gd
+    np.testing.assert_array_equal(_guards(gbuf, x.size, phase), guards, "out=: guards")
+    check_loss(KIND.back(loss), ref_loss, dt, f"loss {layout}")
+    check_array(gd._ary, ref_grad, dt, f"grad {layout}")
+    if opt != "all_hard_mean":
+        return
+    guards = _guards(xbuf, x.size, phase)
+    launched.clear()
+    with _cuda.force_strategy("block_cached"):
+        loss, _ = gpuce.cross_entropy_with_grad(xd, to_dev(t), inplace=True, **dev)
+    assert any(n.endswith("_peel") for n in launched), launched
+    np.testing.assert_array_equal(_guards(xbuf, x.size, phase), guards, "in place: guards")
+    check_loss(KIND.back(loss), ref_loss, dt, "loss in place")
+    check_array(xd._ary, ref_grad, dt, "grad in place")
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_peeled_cross_entropy_bits(dt, soft, monkeypatch):
+    """A peeled row's loss and gradient bits do not depend on where it sits in memory (batch
+    invariance: the sums read the cached row by column, not in the memory's 16-byte steps):
+    rows of 117 values (each row at another phase from 16 bytes) in a batch of 5, in a
+    permuted batch of 3 and as an offset view give the same bits; rows of 120 values (whole
+    16-byte steps) one element off 16 bytes give the bits of the aligned kernel (_vec)."""
+    launched = record_launches(monkeypatch)
+    K = 16 // np.dtype(DTYPES[dt]).itemsize
+    for n_cls in (117, 120):
+        rng = rng_for("ce-peel-bits", dt, soft, n_cls)
+        x, t, kw = _ce_peel_case(rng, dt, n_cls, "soft_smooth_weight_mean" if soft
+                                 else "all_hard_mean", n_rows=5)
+        x[1, rng.integers(0, n_cls, n_cls // 3)] = -np.inf
+        kw = dict(kw, reduction="none", z_loss=1e-3, softcap=15.0)
+        kw.pop("grad_output", None)
+        dev = {k: to_dev(v) for k, v in kw.items()}
+
+        def run(xd, tt, phase=0):
+            _, out = _placed(np.full(tt.shape[:1] + (n_cls,), np.nan, x.dtype), phase, rng)
+            launched.clear()
+            with _cuda.force_strategy("block_cached"):
+                loss, _ = gpuce.cross_entropy_with_grad(xd, to_dev(tt), out=out, **dev)
+            main = [n for n in launched if n.startswith("ce_block")]
+            return KIND.back(loss), out._ary.copy(), main
+
+        loss, grad, main = run(KIND.to(x), t)
+        assert main == ["ce_block_cached" + ("_vec" if n_cls % K == 0 else "_peel")], main
+        if n_cls % K:
+            rows = [3, 1, 2]
+            sub_loss, sub_grad, _ = run(KIND.to(x[rows]), t[rows])
+            assert sub_loss.tobytes() == loss[rows].tobytes()
+            assert sub_grad.tobytes() == grad[rows].tobytes()
+        _, xd = _placed(x, 1, rng)  # every row one element further on
+        off_loss, off_grad, main = run(xd, t, 1)
+        assert main == ["ce_block_cached_peel"], main
+        assert off_loss.tobytes() == loss.tobytes(), (n_cls, off_loss, loss)
+        assert off_grad.tobytes() == grad.tobytes(), n_cls
 
 
 def test_peel_row_parts():

@@ -249,6 +249,21 @@ def test_model_on_a_real_kernel_sees_the_softcap():
         assert row["streaming_loops"] and row["inflight_bytes_per_sm"] > 0
 
 
+def test_unaligned_ce_rows_stream_128_bits():
+    """C = 50257 bf16 rows (100514 bytes: no row but the first starts on 16 bytes) take
+    block_cached's peeled kernel: the row read once, every streaming loop's global access
+    128 bits wide, and the model at the issue's 85%."""
+    _needs_tools()
+    dev, limits = R.DEVICES["h100"], R._limits("h100")
+    row = R.model_case("ce", "bfloat16", 16384, 50257, dev, limits)
+    assert row["kernels"] == ["ce_block_cached_peel"]
+    assert row["read_passes"] == 1 and row["write_passes"] == 1
+    widths = {w for L in row["streaming_loops"] for w in L["widths"]
+              if w.startswith(("LDG", "STG"))}
+    assert widths == {"LDG.E.128", "STG.E.128"}, widths
+    assert row["ceiling"] >= 0.85, row
+
+
 def test_thread_index_branches_resolve_per_modelled_thread():
     sass = """
 .text.k:
