@@ -667,7 +667,9 @@ def feasible_edges(blocks, words, clobbers=None, specials=None):
                 continue
             feasible.add((k, s))
             old = env_in.get(s)
-            new = dict(env) if old is None else {r: v for r, v in old.items() if env.get(r) == v}
+            # a join keeps the bits both sides know (flags packed into one register)
+            new = dict(env) if old is None else {
+                r: m for r, v in old.items() if (m := _meet(v, env.get(r))) is not None}
             if old is None or new != old:
                 env_in[s] = new
                 work.append(s)

@@ -102,6 +102,36 @@ def test_param_branch_is_resolved_both_ways():
     assert (exit_block, last) in on and (exit_block, last) not in off
 
 
+# A flag register with bit 0 from a parameter (cap > 0) and bit 3 set on one path only
+# (the thread index): after the join bit 0 is still known, so its test resolves.
+JOIN_SASS = """
+.text.join:
+        /*0000*/                   LDC R2, c[0x0][0x220] ;
+        /*0010*/                   LOP3.LUT R9, R9, 0xfffffff6, RZ, 0xc0, !PT ;
+        /*0020*/                   FSETP.GT.AND P0, PT, R2, RZ, PT ;
+        /*0030*/               @P0 LOP3.LUT R9, R9, 0x1, RZ, 0xfc, !PT ;
+        /*0040*/                   S2R R0, SR_TID.X ;
+        /*0050*/                   ISETP.NE.AND P1, PT, R0, RZ, PT ;
+        /*0060*/               @P1 BRA `(.L_x_1) ;
+        /*0070*/                   LOP3.LUT R9, R9, 0x8, RZ, 0xfc, !PT ;
+.L_x_1:
+        /*0080*/                   LOP3.LUT P2, RZ, R9, 0x1, RZ, 0xc0, !PT ;
+        /*0090*/              @!P2 EXIT ;
+        /*00a0*/                   MUFU.EX2 R3, R2 ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_join_keeps_the_bits_both_paths_know():
+    instrs, labels = R.parse_sass(JOIN_SASS)["join"]
+    blocks = R.build_blocks(instrs, labels)
+    test = next(b.idx for b in blocks if b.addr == 0x80)
+    last = next(b.idx for b in blocks if b.addr == 0xA0)
+    off = R.feasible_edges(blocks, {0x220: _f32(0.0)})
+    on = R.feasible_edges(blocks, {0x220: _f32(30.0)})
+    assert (test, last) in on and (test, last) not in off
+
+
 def test_unknown_parameters_keep_both_edges():
     instrs, labels = R.parse_sass(SASS)["kern"]
     blocks = R.build_blocks(instrs, labels)
