@@ -412,6 +412,14 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
             return m
 
         @device
+        def mask_cols(vals, mask, first, n, fill):
+            """R.mask_out over n <= K values, unrolled K times (an index bounded by a run-time
+            n would put the step's array in local memory)."""
+            for k in range(K):
+                if k < n and not mask[U(first + k)]:
+                    vals[k] = fill
+
+        @device
         def cached_cols(sv, tv, rv, c0, n, words, cache, cache_r, cache_s, cap, inv_cap, capped):
             """sv, tv = the capped logits and t of cached columns c0..c0+n-1 (n <= K; the other
             slots 0), as cached_logits; ``words``: c0 is a column step's (whole words)."""
@@ -443,7 +451,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
             one step, value for value."""
             cached_cols(sv, tv, rv, c0, n, words, cache, cache_r, cache_s, cap, inv_cap, capped)
             if RAWC and MASKED:
-                R.mask_out(sv, mask, mo + c0, n, NEG_INF)
+                mask_cols(sv, mask, mo + c0, n, NEG_INF)
             for k in range(K):
                 if k < n:
                     ev[k] = math.exp(sv[k] - m)
@@ -478,7 +486,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                 grad_elems(sv, tv, ev, qv, m, k_p, k_q, k_y, -1, dist, cap, inv_cap, capped,
                            True, have_e)
             if MASKED:
-                R.mask_out(sv, mask, mo + c0, n, ZERO)
+                mask_cols(sv, mask, mo + c0, n, ZERO)
 
         @device
         def peel_body(x_elem, x, g_elem, g, q, tgt, w, go, loss, st, part, ctr, n_rows, n_cls,

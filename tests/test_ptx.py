@@ -124,10 +124,14 @@ def test_vectorized_kernels_stream_128_bits(resources, spec):
         assert any(v4_st for _, _, v4_st, _, _ in loops), f"{spec}: no 128-bit store: {loops}"
     if name.endswith("_peel"):
         # cross entropy reads soft targets by column: 16-bit loads with half ones (the same
-        # kernel body with float32 targets shows that nothing else is)
+        # kernel body with float32 targets shows that nothing else is); its body is inlined
+        # twice (softcap on, off): an edge load and store each
         if name.startswith("ce_") and not isinstance(spec[1], tuple) and k == 8:
             assert res[(9, 0)]["half_st_in_loops"] == 0, f"{spec}: 16-bit stores in a loop"
-            assert res[(9, 0)]["half_st"] <= 1, f"{spec}: 16-bit global stores left"
+            assert res[(9, 0)]["half_st"] <= 2, f"{spec}: 16-bit global stores left"
+        elif name.startswith("ce_"):
+            assert res[(9, 0)]["half_in_loops"] == 0, f"{spec}: 16-bit accesses in a loop"
+            assert res[(9, 0)]["half_scalar"] <= 4, f"{spec}: 16-bit global accesses left"
         else:
             assert res[(9, 0)]["half_in_loops"] == 0, f"{spec}: 16-bit accesses in a loop"
             assert res[(9, 0)]["half_scalar"] <= 2, f"{spec}: 16-bit global accesses left"
