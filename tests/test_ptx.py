@@ -119,6 +119,7 @@ def test_vectorized_kernels_stream_128_bits(resources, spec):
     assert not isinstance(res, str), res
     loops = res[(9, 0)]["loops"]
     name = spec[0]
+    k = _elems(spec[1])
     assert any(v4_ld for _, v4_ld, _, _, _ in loops), f"{spec}: no 128-bit load loop: {loops}"
     if not name.startswith(("ce_split_partial", "softmax_split_partial")):
         assert any(v4_st for _, _, v4_st, _, _ in loops), f"{spec}: no 128-bit store: {loops}"
@@ -137,7 +138,6 @@ def test_vectorized_kernels_stream_128_bits(resources, spec):
             assert res[(9, 0)]["half_scalar"] <= 2, f"{spec}: 16-bit global accesses left"
     else:
         assert res[(9, 0)]["half_scalar"] == 0, f"{spec}: 16-bit global accesses left"
-    k = _elems(spec[1])
     dt = spec[1][0] if isinstance(spec[1], tuple) else spec[1]
     for n, v4_ld, v4_st, ld, st in loops:
         if not (v4_ld or v4_st):
