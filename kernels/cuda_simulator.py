@@ -17,6 +17,14 @@ their own arrays, so one thread wrote a reduction's partial or a flag nobody els
 wrong total now and then (e.g. a mean loss a few % off), or a simulated warp that never meets.
 ``install()`` serialises it with a lock.
 
+And a faster block: upstream's block manager polls every thread's "blocked in syncthreads"
+flag in a busy loop that holds the GIL against the threads it waits for (most of the
+simulator's time, and heavy system time with a short switch interval). ``install()`` gives
+``syncthreads`` a counting barrier instead (a Condition: it opens when every thread still
+running waits at it, upstream's rule, so threads that returned early do not block it) and the
+manager just joins its threads. A thread's exception aborts the others and is raised, as
+upstream does.
+
 ``install()`` is idempotent and is called by gpuce when the simulator is on, so users
 debugging their own kernels get the shuffles (and the shared-array fix) too.
 """
@@ -46,6 +54,8 @@ def _warp_barrier(t):
     try:
         bar.wait(TIMEOUT_S)
     except threading.BrokenBarrierError:
+        if mgr._gpuce_barrier.aborted:  # another thread of the block raised
+            raise _Aborted("abort flag set on a warp shuffle") from None
         raise RuntimeError("simulated warp shuffle: not every lane of the warp reached it "
                            "(a full-mask shuffle needs all of them)") from None
 
@@ -106,11 +116,91 @@ def _shared_array(self, shape, dtype, alignment=None):
 _upstream_shared_array = None
 
 
+class _Aborted(RuntimeError):
+    """Raised in the threads of a block one of whose threads raised (not the cause)."""
+
+
+class _BlockBarrier:
+    """syncthreads for one block: opens when every thread still running waits at it."""
+
+    def __init__(self, n_threads):
+        self.cond = threading.Condition()
+        self.live = n_threads
+        self.waiting = 0
+        self.generation = 0
+        self.aborted = False
+
+    def _open(self):
+        self.waiting = 0
+        self.generation += 1
+        self.cond.notify_all()
+
+    def wait(self):
+        with self.cond:
+            if self.aborted:
+                raise _Aborted("abort flag set on syncthreads call")
+            self.waiting += 1
+            if self.waiting == self.live:
+                self._open()
+                return
+            gen = self.generation
+            while gen == self.generation and not self.aborted:
+                self.cond.wait()
+            if self.aborted:
+                raise _Aborted("abort flag set on syncthreads clear")
+
+    def leave(self):
+        with self.cond:
+            self.live -= 1
+            if self.waiting and self.waiting == self.live:
+                self._open()
+
+    def abort(self):
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+
+
+def _syncthreads(self):
+    self._manager._gpuce_barrier.wait()
+
+
+def _run_block(self, grid_point, *args):
+    """BlockManager.run: start the block's threads, join them, raise the first exception."""
+    from numba.cuda.simulator.kernel import BlockThread
+    barrier = self._gpuce_barrier = _BlockBarrier(math.prod(self._block_dim))
+
+    def target():
+        try:
+            self._f(*args)
+        except BaseException:
+            barrier.abort()
+            for bar in list(self.__dict__.get("_gpuce_warp_barriers", {}).values()):
+                bar.abort()  # lanes waiting at a shuffle
+            raise
+        finally:
+            barrier.leave()
+
+    threads = [BlockThread(target, self, grid_point, block_point, self._debug)
+               for block_point in np.ndindex(*self._block_dim)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [t.exception for t in threads if t.exception]
+    if failed:
+        cause = next((e for e in failed if not isinstance(e[0], _Aborted)), failed[0])
+        raise cause[0].with_traceback(cause[1])
+
+
 def install():
-    """Add the shuffles to the simulator's fake ``cuda`` module (no-op if present) and make
-    its shared-array allocation atomic."""
+    """Add the shuffles to the simulator's fake ``cuda`` module (no-op if present), make its
+    shared-array allocation atomic and its block barrier a counting one."""
     global _upstream_shared_array
+    from numba.cuda.simulator.kernel import BlockManager, BlockThread
     from numba.cuda.simulator.kernelapi import FakeCUDAModule, FakeCUDAShared
+    BlockManager.run = _run_block
+    BlockThread.syncthreads = _syncthreads
     with _lock:
         if FakeCUDAShared.array is not _shared_array:
             _upstream_shared_array = FakeCUDAShared.array

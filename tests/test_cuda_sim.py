@@ -8,7 +8,6 @@ forced (GPUCE_CUDA_STRATEGY's context-manager form) on a row length it can hold.
 simulator allocations are NaN-filled by gpuce, and ``out=`` buffers are prefilled with junk
 here, so an element a kernel forgets to write shows up.
 """
-import sys
 
 import numpy as np
 import pytest
@@ -69,16 +68,6 @@ def launched_part(names):
     parts = {n[len("ce_"):].removesuffix("_vec").removesuffix("_peel") for n in names
              if n.startswith("ce_") and n != "ce_target_stats"}
     return {"split" if p.startswith("split_") else p for p in parts}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quick_thread_switches():
-    """Simulated threads hand the GIL around at every barrier; shorter switch intervals make
-    the simulator several times faster."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -829,6 +818,54 @@ def test_simulated_shuffles():
         def at(src):
             return (base + src) * 10 if 0 <= src < width else i * 10
         assert list(got[i]) == [at(lane ^ 3), at(lane + 4), at(lane - 1), at(5)], i
+
+
+def test_block_barrier():
+    """gpuce's simulated syncthreads (a counting barrier, see kernels/cuda_simulator.py):
+    every barrier holds each thread until the whole block (less threads that returned) is
+    there, thread 0's writes are seen after it, syncthreads_count counts, and threads that
+    returned early do not hold the others."""
+    @cuda.jit
+    def kernel(out, n_live):
+        buf = cuda.shared.array(64, np.int64)
+        i = cuda.threadIdx.x
+        if i >= n_live:
+            return
+        for step in range(3):
+            buf[i] = i + step
+            cuda.syncthreads()
+            t = 0
+            for j in range(n_live):
+                t += buf[j]
+            cuda.syncthreads()  # everyone read buf before the next step overwrites it
+            out[i, step] = t
+        out[i, 3] = cuda.syncthreads_count(i % 3 == 0)
+
+    for n_live in (64, 40):
+        out = cuda.to_device(np.full((64, 4), -7, np.int64))
+        kernel[1, 64](out, n_live)
+        got = out.copy_to_host()
+        want = [sum(range(n_live)) + step * n_live for step in range(3)]
+        want.append(len(range(0, n_live, 3)))
+        assert (got[:n_live] == want).all(), n_live
+        assert (got[n_live:] == -7).all()
+
+
+def test_block_barrier_raises_a_threads_exception():
+    """One thread's error (an out-of-bounds index) ends the block's launch with that error,
+    while the others wait at a barrier or a shuffle: no hang, not the others' abort."""
+    @cuda.jit
+    def kernel(out):
+        i = cuda.threadIdx.x
+        if i == 37:
+            out[1000] = 1
+        v = cuda.shfl_xor_sync(0xFFFFFFFF, i, 1) if i < 32 else i
+        cuda.syncthreads()
+        out[i] = v
+
+    out = cuda.to_device(np.zeros(64, np.int64))
+    with pytest.raises(IndexError, match="tid=.37"):
+        kernel[1, 64](out)
 
 
 def test_shared_arrays_shared_by_the_whole_block(monkeypatch):

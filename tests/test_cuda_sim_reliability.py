@@ -6,7 +6,6 @@ loss and gradient do not depend on the other rows) for each strategy forced.
 
 Shapes are tiny: the simulator runs each CUDA thread as a Python thread.
 """
-import sys
 
 import numpy as np
 import pytest
@@ -25,14 +24,6 @@ if SIMULATOR:
 
 # strategy forced -> a row length it holds (the split count is fixed by C in the simulator)
 STRATEGY_C = {"warp": 77, "block_cached": 150, "block": 203, "split": 257}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quick_thread_switches():
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _ce(x, t, strategy, **kw):
