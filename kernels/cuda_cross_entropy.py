@@ -230,6 +230,35 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
         if MASKED:
             R.mask_out(sv, mask, mo + s * K, K, ZERO)
 
+    def cache_pass(ac, raw_words, step):
+        """block_cached's first pass (aligned and peeled rows): a thread's steps tid,
+        tid + bd, ... of n, loaded from x at base + s (two a trip when ``pair``, both loads
+        in flight first: stored words when ``raw_words``, else values), each handed to
+        ``step`` (into the cache and the max) with index idx0 + s * idx_mul."""
+        @device
+        def run(x, base, n, idx0, idx_mul, pair, m, rv, rv_b, sv, sv_b, tv, cache, cache_x,
+                cap, inv_cap, capped, mask, mo):
+            bd = i32(cuda.blockDim.x)
+            s = i32(cuda.threadIdx.x)
+            while s < n:
+                s_b = i32(s + bd)
+                if raw_words:
+                    ac.raw(x, base + s, rv)
+                    if pair and s_b < n:
+                        ac.raw(x, base + s_b, rv_b)
+                else:
+                    ac.load(x, base + s, sv)
+                    if pair and s_b < n:
+                        ac.load(x, base + s_b, sv_b)
+                m = step(rv, sv, tv, idx0 + s * idx_mul, m, cache, cache_x, cap, inv_cap, capped,
+                         mask, mo)
+                if pair and s_b < n:
+                    m = step(rv_b, sv_b, tv, idx0 + s_b * idx_mul, m, cache, cache_x, cap,
+                             inv_cap, capped, mask, mo)
+                s = i32(s_b + bd) if pair else s_b
+            return m
+        return run
+
     if strategy in WARP_SHAPES:
         TPR, VPT = warp_shape(strategy, dt)
         LOG2 = TPR.bit_length() - 1
@@ -419,6 +448,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                 if k < n and not mask[U(first + k)]:
                     vals[k] = fill
 
+        first_pass = cache_pass(PL, RAWC, peel_cache_step)  # (index: the step's column)
+
         @device
         def cached_cols(sv, tv, rv, c0, n, words, cache, cache_r, cache_s, cap, inv_cap, capped):
             """sv, tv = the capped logits and t of cached columns c0..c0+n-1 (n <= K; the other
@@ -550,23 +581,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                         cache[U(ec)] = tv[0]
                     if sv[0] > m:
                         m = sv[0]
-                s = tid
-                while s < n_mid:
-                    s_b = i32(s + bd)
-                    if RAWC:
-                        PL.raw(x, first + s, rv)
-                        if PAIR and s_b < n_mid:
-                            PL.raw(x, first + s_b, rv_b)
-                    else:
-                        PL.load(x, first + s, sv)
-                        if PAIR and s_b < n_mid:
-                            PL.load(x, first + s_b, sv_b)
-                    m = peel_cache_step(rv, sv, tv, h + s * K, m, cache, cache_h, cap, inv_cap,
-                                        capped, mask, mo)
-                    if PAIR and s_b < n_mid:
-                        m = peel_cache_step(rv_b, sv_b, tv, h + s_b * K, m, cache, cache_h, cap,
-                                            inv_cap, capped, mask, mo)
-                    s = i32(s_b + bd) if PAIR else s_b
+                m = first_pass(x, first, n_mid, h, i32(K), PAIR, m, rv, rv_b, sv, sv_b, tv, cache,
+                               cache_h, cap, inv_cap, capped, mask, mo)
                 m = R.finite_max(RD.block_max(m, buf_m))  # (its barrier: the cache is whole)
                 z_y = ZERO
                 if state == ACTIVE and not soft:
@@ -710,6 +726,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                     m = sv[k]
             return m
 
+        first_pass = cache_pass(AX, RAWC, cache_step)
+
         @device
         def cached_logits(sv, tv, rv, s, cache, cache_r, cap, inv_cap, capped):
             """sv = a cached step's capped logits, tv = t (RAWC and FCACHE)."""
@@ -783,22 +801,8 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                 big_q = ZERO
                 qz = ZERO
                 if cached:
-                    s = tid
-                    while s < n_steps:
-                        s_b = i32(s + bd)
-                        if RAWC:
-                            AX.raw(x, rs + s, rv)
-                            if pair and s_b < n_steps:
-                                AX.raw(x, rs + s_b, rv_b)
-                        else:
-                            AX.load(x, rs + s, sv)
-                            if pair and s_b < n_steps:
-                                AX.load(x, rs + s_b, sv_b)
-                        m = cache_step(rv, sv, tv, s, m, cache, cache_r, cap, inv_cap, capped, mask, mo)
-                        if pair and s_b < n_steps:
-                            m = cache_step(rv_b, sv_b, tv, s_b, m, cache, cache_r, cap, inv_cap, capped,
-                                           mask, mo)
-                        s = i32(s_b + bd) if pair else s_b
+                    m = first_pass(x, rs, n_steps, i32(0), i32(1), pair, m, rv, rv_b, sv, sv_b, tv,
+                                   cache, cache_r, cap, inv_cap, capped, mask, mo)
                     m = RD.block_max(m, buf_m)
                     m = R.finite_max(cap * m if capped else m)  # (the max of t -> of z)
                     # read here (not live through the first pass), still before a barrier
