@@ -410,7 +410,9 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
         # is elementwise, so it is written in 16-byte steps again.
         PL = peel(dt, K)
         LOG_K = K.bit_length() - 1
-        RAWC = dt in ("float16", "bfloat16")  # half rows cached as stored, 2 bytes a value
+        # half rows cached as stored, 2 bytes a value; with a softcap every row caches t in
+        # float32, as block_cached does (one tanh a value, not one a pass)
+        RAWC = dt in ("float16", "bfloat16")
         RAW = PL.RAW if RAWC else acc
         NW = PL.NW if RAWC else 1
         FCACHE = not RAWC
@@ -425,16 +427,17 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
             """The first pass over one loaded step (rv: its words when RAWC, else sv: its
             values) of columns c0..c0+K-1: into the cache, and into the max."""
             if RAWC:
-                for j in range(NW):
-                    cache_h[U(c0 + 2 * j)] = i16_lo(rv[j])
-                    cache_h[U(c0 + 2 * j + 1)] = i16_hi(rv[j])
+                if not capped:
+                    for j in range(NW):
+                        cache_h[U(c0 + 2 * j)] = i16_lo(rv[j])
+                        cache_h[U(c0 + 2 * j + 1)] = i16_hi(rv[j])
                 PL.unpack_raw(rv, sv)
             cap_step(sv, tv, cap, inv_cap, capped)
             if MASKED:
                 R.mask_out(sv, mask, mo + c0, K, NEG_INF)
                 R.mask_out(tv, mask, mo + c0, K, NEG_INF)
             for k in range(K):
-                if FCACHE:
+                if FCACHE or capped:
                     cache[U(c0 + k)] = tv[k]
                 if sv[k] > m:
                     m = sv[k]
@@ -454,7 +457,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
         def cached_cols(sv, tv, rv, c0, n, words, cache, cache_r, cache_s, cap, inv_cap, capped):
             """sv, tv = the capped logits and t of cached columns c0..c0+n-1 (n <= K; the other
             slots 0), as cached_logits; ``words``: c0 is a column step's (whole words)."""
-            if RAWC:
+            if RAWC and not capped:
                 if words:
                     for j in range(NW):
                         rv[j] = cache_r[U((c0 >> 1) + j)]
@@ -569,7 +572,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                     # go first: the loops over the middle then keep fewer values live
                     ec = i32(PL.edge_col(tid, h, n_mid))
                     r = x_elem[U(start + ec)]
-                    if RAWC:
+                    if RAWC and not capped:
                         cache_s[U(ec)] = r
                     for k in range(K):
                         sv[k] = load_s(r)
@@ -577,7 +580,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                     if MASKED and not mask[U(mo + ec)]:
                         sv[0] = NEG_INF
                         tv[0] = NEG_INF
-                    if FCACHE:
+                    if FCACHE or capped:
                         cache[U(ec)] = tv[0]
                     if sv[0] > m:
                         m = sv[0]
