@@ -43,6 +43,7 @@ def _check_specials(u, t):
     assert np.isnan(t[np.isnan(u)]).all()
 
 
+@pytest.mark.skipif(SIMULATOR, reason="the same CPU build either way: run without the simulator")
 def test_tanh_f32_accuracy_cpu():
     from numba import njit
 
