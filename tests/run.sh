@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README and CI run it, in three processes side by side (each
-# is single-core bound, or nearly): the CUDA compile tests (PTX, ptxas, the static roofline)
-# with the CPU fuzz (so the three take about as long), the rest of the CPU suite, and the CUDA
-# kernels under Numba's simulator (a process of its own: the simulator replaces numba.cuda).
-# Each log is printed when all three end.
+# is single-core bound, or nearly): the CUDA compile tests (PTX, ptxas, the static roofline),
+# the rest of the CPU suite (the fuzz with it: they share compiled CPU kernels in memory), and
+# the CUDA kernels under Numba's simulator (a process of its own: the simulator replaces
+# numba.cuda). Each log is printed when all three end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-COMPILE_TESTS=(tests/test_ptx.py tests/test_roofline.py tests/test_cuda_tanh.py tests/test_fuzz.py)
+COMPILE_TESTS=(tests/test_ptx.py tests/test_roofline.py tests/test_cuda_tanh.py)
 SIM_TESTS=(tests/test_cuda_sim.py tests/test_cuda_sim_reliability.py tests/test_fuzz.py
            tests/test_cuda_tanh.py)
 logs=$(mktemp -d)
@@ -23,7 +23,7 @@ compile_rc=0
 wait "$compile_pid" || compile_rc=$?
 sim_rc=0
 wait "$sim_pid" || sim_rc=$?
-echo "---- CUDA kernels compiled for sm_80 / sm_90 (PTX, ptxas, the static roofline); the CPU fuzz ----"
+echo "---- CUDA kernels compiled for sm_80 / sm_90: PTX, ptxas, the static roofline ----"
 cat "$logs/compile"
 echo "---- CUDA kernels under the simulator (NUMBA_ENABLE_CUDASIM=1) ----"
 cat "$logs/sim"
