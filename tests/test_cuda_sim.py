@@ -821,7 +821,7 @@ def test_simulated_shuffles():
 
 
 def test_block_barrier():
-    """gpuce's simulated syncthreads (a counting barrier, see kernels/cuda_simulator.py):
+    """gpuce's simulated syncthreads (kernels/cuda_simulator.py):
     every barrier holds each thread until the whole block (less threads that returned) is
     there, thread 0's writes are seen after it, syncthreads_count counts, and threads that
     returned early do not hold the others."""
@@ -868,34 +868,66 @@ def test_block_barrier_raises_a_threads_exception():
         kernel[1, 64](out)
 
 
-def test_shared_arrays_shared_by_the_whole_block(monkeypatch):
-    """Every thread of a block gets the same cuda.shared.array even when a thread switch hits
-    its first allocation (upstream's lookup-then-store was not atomic: a thread kept a private
-    array now and then, and a reduction's partial or a flag went missing, e.g. a mean loss a
-    few % off). A slow np.empty makes that switch certain."""
-    import time
-    real_empty = np.empty
+def test_shared_arrays_one_per_line_shared_by_the_whole_block():
+    """cuda.shared.array (gpuce's lookup by the caller's frame): every thread of the block
+    gets the same array for one line, and two lines get two arrays."""
+    @cuda.jit
+    def kernel(out):
+        a = cuda.shared.array(64, np.int64)
+        b = cuda.shared.array(64, np.int64)
+        i = cuda.threadIdx.x
+        a[i] = i + 1
+        b[i] = -(i + 1)
+        cuda.syncthreads()
+        ta = 0
+        tb = 0
+        for j in range(64):
+            ta += a[j]
+            tb += b[j]
+        out[i, 0] = ta
+        out[i, 1] = tb
 
-    def slow_empty(*args, **kwargs):
-        time.sleep(1e-3)
-        return real_empty(*args, **kwargs)
+    out = cuda.to_device(np.zeros((64, 2), np.int64))
+    kernel[1, 64](out)
+    assert (out.copy_to_host() == [64 * 65 // 2, -64 * 65 // 2]).all()
 
+
+def test_a_missing_barrier_shows_in_one_direction_or_the_other():
+    """The simulated block runs its threads one at a time, in thread order in even blocks and
+    in reverse order in odd ones: a read of shared memory another thread writes without a
+    barrier between sees the unwritten value -- in the lower half of the threads in one
+    block, the upper half in the other."""
     @cuda.jit
     def kernel(out):
         buf = cuda.shared.array(64, np.int64)
         i = cuda.threadIdx.x
-        buf[i] = i + 1
+        b = cuda.blockIdx.x
+        buf[i] = -1
         cuda.syncthreads()
-        t = 0
-        for j in range(64):
-            t += buf[j]
-        out[i] = t
+        buf[i] = i          # (no barrier before the read: the bug)
+        out[b, i] = buf[63 - i]
 
-    out = cuda.to_device(np.zeros(64, np.int64))
-    monkeypatch.setattr(np, "empty", slow_empty)
-    kernel[1, 64](out)
-    monkeypatch.undo()
-    assert list(out.copy_to_host()) == [64 * 65 // 2] * 64
+    out = cuda.to_device(np.zeros((2, 64), np.int64))
+    kernel[2, 64](out)
+    got = out.copy_to_host()
+    unwritten = [set(np.flatnonzero(got[b] == -1)) for b in range(2)]
+    assert sorted(map(min, unwritten)) == [0, 32] and all(len(u) == 32 for u in unwritten)
+    seen = got != -1
+    assert (got[seen] == (63 - np.arange(64))[np.nonzero(seen)[1]]).all()
+
+
+def test_a_shuffle_some_lanes_never_reach_raises():
+    """A full-mask shuffle that lane 5 never reaches (it returned): RuntimeError at once."""
+    @cuda.jit
+    def kernel(out):
+        i = cuda.threadIdx.x
+        if i == 5:
+            return
+        out[i] = cuda.shfl_xor_sync(0xFFFFFFFF, i, 1)
+
+    out = cuda.to_device(np.zeros(32, np.int64))
+    with pytest.raises(RuntimeError, match="not every lane of the warp"):
+        kernel[1, 32](out)
 
 
 def test_block_reductions():
