@@ -1,31 +1,49 @@
 #!/usr/bin/env bash
-# The whole test suite, as the README and CI run it, in three processes side by side (each
-# is single-core bound, or nearly): the CUDA compile tests (PTX, ptxas, the static roofline),
-# the rest of the CPU suite (the fuzz with it: they share compiled CPU kernels in memory), and
-# the CUDA kernels under Numba's simulator (a process of its own: the simulator replaces
-# numba.cuda). Each log is printed when all three end.
+# The whole test suite, as the README and CI run it, in four processes side by side (each is
+# single-core bound, or nearly; the CPU kernels compile into numba's disk cache, which the
+# processes share):
+#   compile  the CUDA compile tests (PTX, ptxas, the static roofline; a pool of its own)
+#   cpu-api  the API matrix of the CPU backend (test_api, the class mask, the torch layer)
+#   cpu      the rest of the CPU suite (the fuzz, the cache, determinism, extremes, ...)
+#   sim      the CUDA kernels under Numba's simulator (a process of its own: the simulator
+#            replaces numba.cuda)
+# Each log is printed when all four end; the exit status fails if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 COMPILE_TESTS=(tests/test_ptx.py tests/test_roofline.py tests/test_cuda_tanh.py)
+API_TESTS=(tests/test_api.py tests/test_class_mask.py tests/test_torch.py
+           tests/test_torch_backward.py tests/test_torch_opinfo.py tests/test_errors.py
+           tests/test_reference.py)
 SIM_TESTS=(tests/test_cuda_sim.py tests/test_cuda_sim_reliability.py tests/test_fuzz.py
            tests/test_cuda_tanh.py)
 logs=$(mktemp -d)
-NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -p no:cacheprovider "${SIM_TESTS[@]}" "$@" \
-    > "$logs/sim" 2>&1 &
-sim_pid=$!
-python -m pytest -q -p no:cacheprovider "${COMPILE_TESTS[@]}" "$@" > "$logs/compile" 2>&1 &
-compile_pid=$!
-ignores=()
-for t in "${COMPILE_TESTS[@]}"; do ignores+=(--ignore="$t"); done
-main_rc=0
-python -m pytest -q "${ignores[@]}" "$@" || main_rc=$?
-compile_rc=0
-wait "$compile_pid" || compile_rc=$?
-sim_rc=0
-wait "$sim_pid" || sim_rc=$?
-echo "---- CUDA kernels compiled for sm_80 / sm_90: PTX, ptxas, the static roofline ----"
-cat "$logs/compile"
-echo "---- CUDA kernels under the simulator (NUMBA_ENABLE_CUDASIM=1) ----"
-cat "$logs/sim"
+pids=()
+failed=""
+names=()
+start() {  # start NAME COMMAND...: run it in the background, its output to $logs/NAME
+    local name=$1
+    shift
+    "$@" > "$logs/$name" 2>&1 &
+    pids+=($!)
+    names+=("$name")
+}
+rest=()
+for t in "${COMPILE_TESTS[@]}" "${API_TESTS[@]}"; do rest+=(--ignore="$t"); done
+start sim env NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -p no:cacheprovider "${SIM_TESTS[@]}" "$@"
+start compile python -m pytest -q -p no:cacheprovider "${COMPILE_TESTS[@]}" "$@"
+start cpu-api python -m pytest -q -p no:cacheprovider "${API_TESTS[@]}" "$@"
+start cpu python -m pytest -q -p no:cacheprovider "${rest[@]}" "$@"
+rc=0
+for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then
+        rc=1
+        failed+=" ${names[$i]}"
+    fi
+done
+for name in cpu-api cpu compile sim; do
+    echo "---- $name ----"
+    cat "$logs/$name"
+done
 rm -rf "$logs"
-[ "$main_rc" -eq 0 ] && [ "$compile_rc" -eq 0 ] && [ "$sim_rc" -eq 0 ]
+[ "$rc" -eq 0 ] && echo "tests/run.sh: all four passed" || echo "tests/run.sh: failed:$failed"
+exit "$rc"
