@@ -4,8 +4,8 @@
 # processes share):
 #   compile  the CUDA compile tests (PTX, ptxas, the static roofline; a pool of its own)
 #   cpu-api  the API matrix of the CPU backend (test_api, the class mask, the torch layer),
-#            and the disk cache's tests (fresh processes)
-#   cpu      the rest of the CPU suite (the fuzz, determinism, extremes, ...)
+#            the disk cache's tests (fresh processes) and determinism
+#   cpu      the rest of the CPU suite (the fuzz, extremes, the bench harness, ...)
 #   sim      the CUDA kernels under Numba's simulator (a process of its own: the simulator
 #            replaces numba.cuda)
 # Each log is printed when all four end; the exit status fails if any failed.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 COMPILE_TESTS=(tests/test_ptx.py tests/test_roofline.py tests/test_cuda_tanh.py)
 API_TESTS=(tests/test_api.py tests/test_class_mask.py tests/test_torch.py
            tests/test_torch_backward.py tests/test_torch_opinfo.py tests/test_errors.py
-           tests/test_reference.py tests/test_cache.py)
+           tests/test_reference.py tests/test_cache.py tests/test_determinism.py)
 SIM_TESTS=(tests/test_cuda_sim.py tests/test_cuda_sim_reliability.py tests/test_fuzz.py
            tests/test_cuda_tanh.py)
 logs=$(mktemp -d)
