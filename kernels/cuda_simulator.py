@@ -28,8 +28,10 @@ The simulator's kernel API finds the running thread with ``threading.current_thr
 greenlet. Two more per-call costs go: ``cuda.shared.array`` found its array by extracting the
 whole Python stack (now: the caller's frame, the same file-and-line key), and every device
 function call swapped its module's ``cuda`` global in and out (now: once per module and
-launch, held until the launch ends). ``install()`` is idempotent and is called by gpuce when the simulator is on, so
-users debugging their own kernels get the shuffles and the faster block too.
+launch, held until the launch ends).
+
+``install()`` is idempotent and is called by gpuce when the simulator is on, so users
+debugging their own kernels get the shuffles and the faster block too.
 """
 import math
 import sys
