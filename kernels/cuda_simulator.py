@@ -33,7 +33,6 @@ launch, held until the launch ends).
 ``install()`` is idempotent and is called by gpuce when the simulator is on, so users
 debugging their own kernels get the shuffles and the faster block too.
 """
-import math
 import sys
 import threading
 from collections import deque
@@ -92,11 +91,12 @@ class _Block:
         self.ready.extend(sorted(waiters, key=_thread_id, reverse=self.reverse))
         self.reverse = not self.reverse
 
-    def _wait(self, waiters, opens):
+    def _wait(self, waiters, n_open):
+        """Wait with ``waiters`` until they are ``n_open`` (the last one releases them)."""
         if self.error is not None:
             raise self.error
         waiters.append(greenlet.getcurrent())
-        if opens(len(waiters)):
+        if len(waiters) == n_open:
             self._release(waiters)
             waiters.clear()
         self.loop.switch()
@@ -104,12 +104,12 @@ class _Block:
             raise self.error
 
     def syncthreads(self):
-        self._wait(self.at_syncthreads, lambda n: n == self.live)
+        self._wait(self.at_syncthreads, self.live)
 
     def shuffle(self, thread_id):
         warp = thread_id // WARP
-        lanes = min(WARP, math.prod(self.manager._block_dim) - warp * WARP)
-        self._wait(self.at_shuffle.setdefault(warp, []), lambda n: n == lanes)
+        lanes = min(WARP, len(self.threads) - warp * WARP)
+        self._wait(self.at_shuffle.setdefault(warp, []), lanes)
 
     def leave(self):
         self.live -= 1

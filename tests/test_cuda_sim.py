@@ -893,9 +893,9 @@ def test_shared_arrays_one_per_line_shared_by_the_whole_block():
 
 
 def test_a_missing_barrier_shows_in_one_direction_or_the_other():
-    """The simulated block runs its threads one at a time, in thread order in even blocks and
-    in reverse order in odd ones: a read of shared memory another thread writes without a
-    barrier between sees the unwritten value -- in the lower half of the threads in one
+    """The simulated block runs its threads one at a time, and the two blocks run them in
+    opposite orders after the barrier: a read of shared memory another thread writes without
+    a barrier between sees the unwritten value -- in the lower half of the threads in one
     block, the upper half in the other."""
     @cuda.jit
     def kernel(out):
