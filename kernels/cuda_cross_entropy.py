@@ -494,6 +494,10 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                 for k in range(K):
                     if k < n:
                         cache[U(c0 + k)] = ev[k]
+            if capped and not dist:  # ... or e (1 - t^2), as the aligned kernel's
+                for k in range(K):
+                    if k < n:
+                        cache[U(c0 + k)] = ev[k] * (ONE - tv[k] * tv[k])
             if dist:
                 for k in range(K):
                     if k < n:
@@ -588,12 +592,15 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                                cache_h, cap, inv_cap, capped, mask, mo)
                 m = R.finite_max(RD.block_max(m, buf_m))  # (its barrier: the cache is whole)
                 z_y = ZERO
+                tanh_y = ZERO  # the target's t (softcap)
+                chain = capped and not dist  # the sums leave e (1 - t^2) in the cache
                 if state == ACTIVE and not soft:
                     cached_cols(sv, tv, rv, y, 1, False, cache, cache_r, cache_s, cap, inv_cap,
                                 capped)
                     z_y = sv[0]
-                    if have_e:
-                        cuda.syncthreads()  # read before the sums overwrite it with exp
+                    tanh_y = tv[0]
+                    if have_e or chain:
+                        cuda.syncthreads()  # read before the sums overwrite it
                 se = ZERO
                 big_q = ZERO
                 qz = ZERO
@@ -627,10 +634,21 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                     else:
                         loss[U(row)] = lv
                 if write_grad:
+                    # with the chain factor cached: the aligned kernel's gradient bit for bit,
+                    # k_p e (1 - t^2), the target's p - 1 formed from its own e before the
+                    # chain factor (no cancellation of rounded products)
+                    g_y = (k_p * math.exp(z_y - m) - k_y) * (ONE - tanh_y * tanh_y) if chain \
+                        else ZERO
                     if tid < n_edge:  # (one 16-bit store in the kernel, see test_ptx)
                         ec = i32(PL.edge_col(tid, h, n_mid))
                         v = ZERO
-                        if state == ACTIVE:
+                        if state == ACTIVE and chain:
+                            v = k_p * cache[U(ec)]
+                            if ec == y:
+                                v = g_y
+                            if MASKED and not mask[U(mo + ec)]:
+                                v = ZERO
+                        elif state == ACTIVE:
                             cached_cols(sv, tv, rv, ec, 1, False, cache, cache_r, cache_s, cap,
                                         inv_cap, capped)
                             if have_e:
@@ -645,6 +663,19 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                         for k in range(K):
                             sv[k] = ZERO
                         while s < n_mid:
+                            PL.store(g, first + s, sv)
+                            s = i32(s + bd)
+                    elif chain:
+                        while s < n_mid:
+                            c0 = h + s * K
+                            for k in range(K):
+                                sv[k] = k_p * cache[U(c0 + k)]
+                            yk = y - c0
+                            for k in range(K):
+                                if k == yk:
+                                    sv[k] = g_y
+                            if MASKED:
+                                mask_cols(sv, mask, mo + c0, K, ZERO)
                             PL.store(g, first + s, sv)
                             s = i32(s + bd)
                     else:

@@ -412,16 +412,22 @@ def test_peeled_softmax_rows(strategy, dt, layout, monkeypatch):
 
 
 # cross entropy's block_cached on rows anywhere (its _peel variant): the options run on
-# every dtype, soft targets also as float32 probabilities with half logits (another kernel)
-CE_PEEL_OPTIONS = ("all_hard_mean", "soft_smooth_weight_mean", "soft_f32", "class_mask")
+# every dtype, soft targets also as float32 probabilities with half logits (another kernel);
+# a softcap without smoothing (zloss_softcap_none, class_mask_softcap) caches the chain factor
+CE_PEEL_OPTIONS = ("all_hard_mean", "zloss_softcap_none", "soft_smooth_weight_mean", "soft_f32",
+                   "class_mask", "class_mask_softcap")
+CE_PEEL_MASKED = {
+    "class_mask": dict(reduction="none", weight=True, label_smoothing=0.2, softcap=4.0),
+    "class_mask_softcap": dict(reduction="none", weight=True, z_loss=1e-3, softcap=4.0),
+}
 
 
 def _ce_peel_case(rng, dt, n_cls, opt, n_rows=3):
-    """(x, t, kw) of a CE_PEEL_OPTIONS option: class_mask is a per-row mask (NaN logits
-    where masked: never read into a sum) with smoothing, weights and a softcap."""
-    if opt == "class_mask":
-        x, t, kw = build_case(rng, n_rows, n_cls, dt, dict(reduction="none", weight=True,
-                                                            label_smoothing=0.2, softcap=4.0))
+    """(x, t, kw) of a CE_PEEL_OPTIONS option: class_mask* is a per-row mask (NaN logits
+    where masked: never read into a sum) with weights and a softcap, and with smoothing
+    (class_mask) or without (class_mask_softcap)."""
+    if opt in CE_PEEL_MASKED:
+        x, t, kw = build_case(rng, n_rows, n_cls, dt, CE_PEEL_MASKED[opt])
         mask = rng.random(x.shape) < 0.7
         mask[np.arange(n_rows), t] = True
         x[~mask] = np.nan
@@ -462,7 +468,7 @@ def test_peeled_cross_entropy_rows(dt, layout, opt, monkeypatch):
     np.testing.assert_array_equal(_guards(gbuf, x.size, phase), guards, "out=: guards")
     check_loss(KIND.back(loss), ref_loss, dt, f"loss {layout}")
     check_array(gd._ary, ref_grad, dt, f"grad {layout}")
-    if opt != "all_hard_mean":
+    if opt not in ("all_hard_mean", "zloss_softcap_none"):
         return
     guards = _guards(xbuf, x.size, phase)
     launched.clear()
