@@ -305,6 +305,12 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                 yo = i32(y - lane * K)  # y is -1 or a class < 512: negative or in range
                 m = NEG_INF
                 z_y = ZERO
+                if state == ACTIVE and not soft:
+                    # the target's logit read once per lane (a broadcast): not picked out of
+                    # every value; read before the row's gradient is written (in place)
+                    z_y = AX.elem(x, row * n_cls + y)
+                    if capping:
+                        z_y = cap * R.tanh(z_y * inv_cap)
                 for j in range(SPL):
                     s = j * TPR + lane
                     if live and s < n_steps:
@@ -320,15 +326,9 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                         for k in range(K):
                             sv[k] = NEG_INF
                     for k in range(K):
-                        z = sv[k]
-                        if j * TPR * K + k == yo:
-                            z_y = z  # from registers: no re-read that in-place writes could race
-                        vals[j * K + k] = z
-                        if z > m:
-                            m = z
+                        vals[j * K + k] = sv[k]
+                        m = max(m, sv[k])  # (max.f32: a NaN is passed over, as by z > m)
                 m = R.finite_max(RD.warp_max(m, TPR))
-                if not soft:
-                    z_y = RD.warp_sum(z_y, TPR)
                 big_q = ZERO
                 qz = ZERO
                 if dist:
@@ -351,9 +351,9 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                 n_top = ZERO
                 for v in range(VPT):
                     e = math.exp(vals[v] - m)
-                    top = e == ONE
-                    se += ZERO if top else e
-                    n_top += ONE if top else ZERO
+                    top = ONE if e == ONE else ZERO
+                    se += e - top  # (exact: e, or 0 for a top value)
+                    n_top += top
                     vals[v] = e
                 se = RD.warp_sum(se + n_top, TPR)
                 if dist:
@@ -439,8 +439,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
             for k in range(K):
                 if FCACHE or capped:
                     cache[U(c0 + k)] = tv[k]
-                if sv[k] > m:
-                    m = sv[k]
+                m = max(m, sv[k])
             return m
 
         @device
@@ -746,8 +745,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                     if MASKED:
                         t = R.keep_live(t, mask, mo + s * K + k, NEG_INF)
                     cache[U(s * K + k)] = t
-                    if t > m:
-                        m = t
+                    m = max(m, t)
                 return m
             cap_step(sv, tv, cap, inv_cap, capped)
             if MASKED:

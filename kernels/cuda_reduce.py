@@ -50,7 +50,7 @@ def reductions(acc_np):
         off = width >> 1
         while off > 0:
             o = cuda.shfl_xor_sync(FULL_MASK, v, off)
-            v = v if v > o else o
+            v = max(v, o)  # (max.f32; no value here is NaN)
             off >>= 1
         return v
 

@@ -23,7 +23,7 @@ from numba import types
 from .cuda_dtypes import device, namespace, traits
 from .cuda_tanh import tanh_f32
 
-IDLE, ACTIVE, BAD = 0, 1, 2
+IDLE, ACTIVE, BAD = np.int32(0), np.int32(1), np.int32(2)  # (32-bit compares per row)
 U = types.uint64  # unsigned indices: no negative-index wraparound code
 
 

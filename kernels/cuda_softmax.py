@@ -110,8 +110,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                     for k in range(K):
                         z = sv[k]
                         vals[j * K + k] = z
-                        if z > m:
-                            m = z
+                        m = max(m, z)
                 m = R.finite_max(RD.warp_max(m, TPR))
                 se = ZERO
                 for j in range(VPT):
