@@ -60,7 +60,7 @@ from numba import cuda, types
 from .cuda_dtypes import DTYPES, array, device, traits
 from .cuda_reduce import grid_sums, reductions
 from .cuda_rowmath import ACTIVE, BAD, IDLE, rowmath
-from .cuda_vec import access, i16_hi, i16_lo, peel, step_elems
+from .cuda_vec import access, i16_hi, i16_lo, paired_pass, peel, step_elems
 from .._cuda_plan import MAX_BLOCK, WARP_BLOCK, WARP_SHAPES, warp_capacity, warp_shape  # noqa: F401
 
 U = types.uint64  # index arrays with unsigned ints: no negative-index wraparound code
@@ -182,21 +182,24 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
         cap_step(sv, tv, cap, inv_cap, capped)
         if MASKED:
             R.mask_out(sv, mask, mo + s * K, K, NEG_INF)
-        if dist:
+        if dist:  # R.online_vals, with (Q, qz) rebased once a step too
             if soft:
                 AQ.load(q, rs + s, qv)
+            m_new = R.step_max(m, sv, K)
+            shift = R.finite_max(m_new)
+            se = se * math.exp(m - shift)
+            qz = R.rebase(qz, big_q, m, m_new)
             for k in range(K):
                 z = sv[k]
-                m_new, se = R.online(m, se, z)
+                se += math.exp(z - shift)
                 wq = R.weight_of(qv[k] if soft else ZERO, w, s * K + k, weighted, keep, smooth)
                 if MASKED:
                     wq = R.drop(wq, qv[k] if soft else ZERO, mask[U(mo + s * K + k)])
-                qz = R.rebase(qz, big_q, m, m_new) + R.dist_term(wq, z, m_new)
+                qz += R.dist_term(wq, z, m_new)
                 big_q += wq
-                m = m_new
+            m = m_new
         else:
-            for k in range(K):
-                m, se = R.online(m, se, sv[k])
+            m, se = R.online_vals(m, se, sv, K)
         return m, se, big_q, qz
 
     @device
@@ -229,35 +232,6 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                        done_cap, have_e)
         if MASKED:
             R.mask_out(sv, mask, mo + s * K, K, ZERO)
-
-    def cache_pass(ac, raw_words, step):
-        """block_cached's first pass (aligned and peeled rows): a thread's steps tid,
-        tid + bd, ... of n, loaded from x at base + s (two a trip when ``pair``, both loads
-        in flight first: stored words when ``raw_words``, else values), each handed to
-        ``step`` (into the cache and the max) with index idx0 + s * idx_mul."""
-        @device
-        def run(x, base, n, idx0, idx_mul, pair, m, rv, rv_b, sv, sv_b, tv, cache, cache_x,
-                cap, inv_cap, capped, mask, mo):
-            bd = i32(cuda.blockDim.x)
-            s = i32(cuda.threadIdx.x)
-            while s < n:
-                s_b = i32(s + bd)
-                if raw_words:
-                    ac.raw(x, base + s, rv)
-                    if pair and s_b < n:
-                        ac.raw(x, base + s_b, rv_b)
-                else:
-                    ac.load(x, base + s, sv)
-                    if pair and s_b < n:
-                        ac.load(x, base + s_b, sv_b)
-                m = step(rv, sv, tv, idx0 + s * idx_mul, m, cache, cache_x, cap, inv_cap, capped,
-                         mask, mo)
-                if pair and s_b < n:
-                    m = step(rv_b, sv_b, tv, idx0 + s_b * idx_mul, m, cache, cache_x, cap,
-                             inv_cap, capped, mask, mo)
-                s = i32(s_b + bd) if pair else s_b
-            return m
-        return run
 
     if strategy in WARP_SHAPES:
         TPR, VPT = warp_shape(strategy, dt)
@@ -450,7 +424,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                 if k < n and not mask[U(first + k)]:
                     vals[k] = fill
 
-        first_pass = cache_pass(PL, RAWC, peel_cache_step)  # (index: the step's column)
+        first_pass = paired_pass(PL, RAWC, peel_cache_step)  # (index: the step's column)
 
         @device
         def cached_cols(sv, tv, rv, c0, n, words, cache, cache_r, cache_s, cap, inv_cap, capped):
@@ -585,8 +559,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                         tv[0] = NEG_INF
                     if FCACHE or capped:
                         cache[U(ec)] = tv[0]
-                    if sv[0] > m:
-                        m = sv[0]
+                    m = max(m, sv[0])
                 m = first_pass(x, first, n_mid, h, i32(K), PAIR, m, rv, rv_b, sv, sv_b, tv, cache,
                                cache_h, cap, inv_cap, capped, mask, mo)
                 m = R.finite_max(RD.block_max(m, buf_m))  # (its barrier: the cache is whole)
@@ -754,11 +727,10 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
             for k in range(K):
                 if FCACHE:
                     cache[U(s * K + k)] = tv[k]
-                if sv[k] > m:
-                    m = sv[k]
+                m = max(m, sv[k])
             return m
 
-        first_pass = cache_pass(AX, RAWC, cache_step)
+        first_pass = paired_pass(AX, RAWC, cache_step)
 
         @device
         def cached_logits(sv, tv, rv, s, cache, cache_r, cap, inv_cap, capped):

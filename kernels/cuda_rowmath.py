@@ -58,6 +58,26 @@ def rowmath(dt, qdt=None):
         return m, s
 
     @device
+    def step_max(m, vals, n):
+        """The larger of m and the n values (max.f32: a NaN is passed over, as by z > m)."""
+        for k in range(n):
+            m = max(m, vals[k])
+        return m
+
+    @device
+    def online_vals(m, s, vals, n):
+        """Add n values (one loaded step) to an online (max, sum exp) state: one rescale a
+        step and one exp a value, no test or branch a value. The sum is kept relative to
+        finite_max(m), so -inf values add 0 (and a row of them keeps m = -inf, s = 0), a NaN
+        spreads, and a +inf gives NaN, as a two-pass softmax does (tests/reference.py)."""
+        m_new = step_max(m, vals, n)
+        shift = finite_max(m_new)
+        s = s * math.exp(m - shift)  # (x 1 exactly while the max holds; 0 from m = -inf)
+        for k in range(n):
+            s += math.exp(vals[k] - shift)
+        return m_new, s
+
+    @device
     def dist_term(wq, z, m):
         """wq (z - m): one class's share of qz, kept relative to the row max so that large
         logits (1e4) cancel exactly; a weighted -inf logit makes it -inf (+inf loss)."""
@@ -215,7 +235,7 @@ def rowmath(dt, qdt=None):
 
     return namespace(T=T, tanh=tanh, keep_live=keep_live, mask_out=mask_out,
                      masked_target=masked_target, live_smooth=live_smooth, drop=drop, weight_of=weight_of, grad_value=grad_value,
-                     coef_of=coef_of, online=online,
+                     coef_of=coef_of, online=online, step_max=step_max, online_vals=online_vals,
                            dist_term=dist_term, rebase=rebase, finite_max=finite_max, class_weight=class_weight,
                            hard_target=hard_target, grad_scale=grad_scale, row_weights=row_weights,
                            divisors=divisors,

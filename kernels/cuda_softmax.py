@@ -20,7 +20,7 @@ from .cuda_cross_entropy import U, WARP_SHAPES, warp_shape
 from .cuda_dtypes import array, device, traits
 from .cuda_reduce import reductions
 from .cuda_rowmath import rowmath
-from .cuda_vec import access, peel, step_elems
+from .cuda_vec import access, paired_pass, peel, step_elems
 
 SOFTMAX, LOG_SOFTMAX, LOGSUMEXP = 0, 1, 2
 
@@ -56,16 +56,17 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
     RD = reductions(R.T.acc_np)
     acc = R.T.acc
     NEG_INF, ZERO, ONE = R.NEG_INF, R.ZERO, R.ONE
-    i64 = types.int64
+    i64, i32 = types.int64, types.int32
     K = step_elems(dt) if vec else 1  # elements per memory access
     AX = access(dt, K)
 
     @device
     def row_end(s, m):
-        """(1/s or 0, log s) from a finite_max'd m and s = sum exp(x - m)."""
-        if s > ZERO:
-            return ONE / s, math.log(s)
-        return ZERO, NEG_INF
+        """(1/s or 0, log s) from a finite_max'd m and s = sum exp(x - m): a row of -inf
+        (s = 0) gives probability 0 and log -inf; a NaN s (a NaN logit) spreads."""
+        if s == ZERO:
+            return ZERO, NEG_INF
+        return ONE / s, math.log(s)
 
     @device
     def result(z_or_e, m, inv, log_s, mode, is_e):
@@ -143,11 +144,37 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
     PL = peel(dt, K, peeled)
     PEELED = PL.PEELED
 
+    @device
+    def online_step(sv, s, m, se, mask, mh):
+        """One loaded step s of a row into the online (max, sum exp) state (block, split)."""
+        if MASKED:
+            R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
+        return R.online_vals(m, se, sv, K)
+
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
         RAWC = cached and dt in ("float16", "bfloat16")  # half rows cached as stored
         RAW = PL.RAW if RAWC else acc
         NW = PL.NW if RAWC else 1
+
+        @device
+        def cache_step(rv, sv, tv, s, m, cache, cache_r, cap, inv_cap, capped, mask, mh):
+            """The first pass over one loaded step s (rv: its stored words when RAWC, else
+            sv: its values): into the cache, and into the max (cuda_vec.paired_pass; tv and
+            the softcap arguments are cross entropy's)."""
+            if RAWC:
+                for j in range(NW):
+                    cache_r[U(s * NW + j)] = rv[j]
+                PL.unpack_raw(rv, sv)
+            if MASKED:
+                R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
+            for k in range(K):
+                if not RAWC:
+                    cache[U(s * K + k)] = sv[k]
+                m = max(m, sv[k])
+            return m
+
+        first_pass = paired_pass(PL, RAWC, cache_step)
 
         def softmax_block(x_elem, x, out_elem, out, lse, n_rows, n_cls, mode, phase, mask,
                           m_stride):
@@ -156,11 +183,16 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
             sv = cuda.local.array(K, acc)
+            sv_b = cuda.local.array(K, acc)  # two steps a trip: both loads in flight first
             rv = cuda.local.array(NW, RAW)
-            tid = i64(cuda.threadIdx.x)
-            bd = i64(cuda.blockDim.x)
+            rv_b = cuda.local.array(NW, RAW)
+            # 32-bit indices within a row (steps, shared memory), and while loops: a range
+            # with a run-time step divides (64-bit) for its trip count, three times a row
+            tid = i32(cuda.threadIdx.x)
+            bd = i32(cuda.blockDim.x)
             for row in range(i64(cuda.blockIdx.x), n_rows, i64(cuda.gridDim.x)):
                 start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
+                n_st = i32(n_steps)
                 mo = row * m_stride
                 mh = mo + h  # the mask's index of the first middle column
                 # this thread's edge element: its index and value (all that stays live)
@@ -178,26 +210,12 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                 m = NEG_INF
                 se = ZERO
                 if cached:
-                    for s in range(tid, n_steps, bd):
-                        if RAWC:
-                            PL.raw(x, rs + s, rv)
-                            for j in range(NW):
-                                cache_r[U(s * NW + j)] = rv[j]
-                            PL.unpack_raw(rv, sv)
-                        else:
-                            PL.load(x, rs + s, sv)
-                        if MASKED:
-                            R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
-                        for k in range(K):
-                            z = sv[k]
-                            if not RAWC:
-                                cache[U(s * K + k)] = z
-                            if z > m:
-                                m = z
-                    if ez > m:
-                        m = ez
+                    m = first_pass(x, rs, n_st, i32(0), i32(1), True, m, rv, rv_b, sv, sv_b, sv,
+                                   cache, cache_r, ZERO, ZERO, False, mask, mh)
+                    m = max(m, ez)
                     m = R.finite_max(RD.block_max(m, buf_m))
-                    for s in range(tid, n_steps, bd):
+                    s = tid
+                    while s < n_st:
                         if RAWC:
                             for j in range(NW):
                                 rv[j] = cache_r[U(s * NW + j)]
@@ -210,16 +228,21 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                             se += e
                             if mode == SOFTMAX and not RAWC:
                                 cache[U(c)] = e  # each thread only touches its own columns
+                        s = i32(s + bd)
                     if edge:
                         se += math.exp(ez - m)
                     se = RD.block_sum(se, buf_s)
                 else:
-                    for s in range(tid, n_steps, bd):
+                    s = tid
+                    while s < n_st:
+                        s_b = i32(s + bd)
                         PL.load(x, rs + s, sv)
-                        if MASKED:
-                            R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
-                        for k in range(K):
-                            m, se = R.online(m, se, sv[k])
+                        if s_b < n_st:
+                            PL.load(x, rs + s_b, sv_b)
+                        m, se = online_step(sv, s, m, se, mask, mh)
+                        if s_b < n_st:
+                            m, se = online_step(sv_b, s_b, m, se, mask, mh)
+                        s = i32(s_b + bd)
                     if edge:
                         m, se = R.online(m, se, ez)
                     m, se = RD.block_merge(m, se, buf_m, buf_s)
@@ -229,7 +252,8 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                     if tid == 0:
                         lse[U(row)] = m + log_s
                     continue
-                for s in range(tid, n_steps, bd):
+                s = tid
+                while s < n_st:
                     if RAWC:
                         for j in range(NW):
                             rv[j] = cache_r[U(s * NW + j)]
@@ -246,6 +270,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                     if MASKED:
                         R.mask_out(sv, mask, mh + s * K, K, masked_value(mode))
                     PL.store(out, rs + s, sv)
+                    s = i32(s + bd)
                 if edge:
                     v = result(ez, m, inv, log_s, mode, False)
                     if MASKED and not e_live:
@@ -259,8 +284,9 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
             buf_m = cuda.shared.array(32, acc)
             buf_s = cuda.shared.array(32, acc)
             sv = cuda.local.array(K, acc)
-            tid = i64(cuda.threadIdx.x)
-            bd = i64(cuda.blockDim.x)
+            sv_b = cuda.local.array(K, acc)
+            tid = i32(cuda.threadIdx.x)  # (32-bit steps in a row; while loops, see softmax_block)
+            bd = i32(cuda.blockDim.x)
             # chunks of the most steps a row has (a peeled row has that or one less)
             length = (n_cls // K + n_split - 1) // n_split
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
@@ -271,12 +297,17 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                 mh = row * m_stride + h
                 m = NEG_INF
                 se = ZERO
-                for s in range(lo + tid, min(n_steps, lo + length), bd):
+                s = i32(lo + tid)
+                end = i32(min(n_steps, lo + length))
+                while s < end:  # two steps a trip, as softmax_block's
+                    s_b = i32(s + bd)
                     PL.load(x, rs + s, sv)
-                    if MASKED:
-                        R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
-                    for k in range(K):
-                        m, se = R.online(m, se, sv[k])
+                    if s_b < end:
+                        PL.load(x, rs + s_b, sv_b)
+                    m, se = online_step(sv, s, m, se, mask, mh)
+                    if s_b < end:
+                        m, se = online_step(sv_b, s_b, m, se, mask, mh)
+                    s = i32(s_b + bd)
                 if PEELED and chunk == 0 and tid < n_edge:  # the first chunk takes the edge
                     ec = PL.edge_col(tid, h, n_steps)
                     z = PL.load1(x_elem, start + ec)
@@ -293,8 +324,8 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
         def softmax_split_finish(x_elem, x, out_elem, out, lse, ws, n_rows, n_cls, mode,
                                  n_split, phase, mask, m_stride):
             sv = cuda.local.array(K, acc)
-            tid = i64(cuda.threadIdx.x)
-            bd = i64(cuda.blockDim.x)
+            tid = i32(cuda.threadIdx.x)
+            bd = i32(cuda.blockDim.x)
             length = (n_cls // K + n_split - 1) // n_split  # as in split_partial
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
                 row = b // n_split
@@ -315,13 +346,16 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                 start, h, rs, n_steps, n_edge = PL.parts(phase, row, n_cls)
                 lo = chunk * length
                 mh = row * m_stride + h
-                for s in range(lo + tid, min(n_steps, lo + length), bd):
+                s = i32(lo + tid)
+                end = i32(min(n_steps, lo + length))
+                while s < end:
                     PL.load(x, rs + s, sv)
                     for k in range(K):
                         sv[k] = result(sv[k], m, inv, log_s, mode, False)
                     if MASKED:
                         R.mask_out(sv, mask, mh + s * K, K, masked_value(mode))
                     PL.store(out, rs + s, sv)
+                    s = i32(s + bd)
                 if PEELED and chunk == 0 and tid < n_edge:
                     ec = PL.edge_col(tid, h, n_steps)
                     v = result(PL.load1(x_elem, start + ec), m, inv, log_s, mode, False)

@@ -19,7 +19,7 @@ Under Numba's simulator the intrinsics are numpy functions with the same results
 from functools import lru_cache
 
 import numpy as np
-from numba import types
+from numba import cuda, types  # (cuda: a module global, which the simulator swaps)
 
 from .cuda_dtypes import SIMULATOR, device, traits
 
@@ -445,3 +445,36 @@ def peel(dt, K, edges=True):
     return namespace(K=K, PEELED=PEELED, parts=parts, edge_col=edge_col, load1=load1,
                      store1=store1, load=AX.load, store=AX.store, raw=AX.raw,
                      unpack_raw=AX.unpack_raw, RAW=AX.RAW, NW=AX.NW)
+
+
+def paired_pass(ac, raw_words, step):
+    """A block kernel's first pass over a row (aligned or peeled, ``ac``: access or peel): a
+    thread's steps tid, tid + bd, ... of n, loaded from x at base + s -- two a trip when
+    ``pair``, both loads in flight before either is used (a while loop: a range with a
+    run-time step divides for its trip count) -- as stored words (``raw_words``) or values,
+    each handed to ``step`` (into the cache and the max) with index idx0 + s * idx_mul."""
+    i32 = types.int32
+
+    @device
+    def run(x, base, n, idx0, idx_mul, pair, m, rv, rv_b, sv, sv_b, tv, cache, cache_x,
+            cap, inv_cap, capped, mask, mo):
+        bd = i32(cuda.blockDim.x)
+        s = i32(cuda.threadIdx.x)
+        while s < n:
+            s_b = i32(s + bd)
+            if raw_words:
+                ac.raw(x, base + s, rv)
+                if pair and s_b < n:
+                    ac.raw(x, base + s_b, rv_b)
+            else:
+                ac.load(x, base + s, sv)
+                if pair and s_b < n:
+                    ac.load(x, base + s_b, sv_b)
+            m = step(rv, sv, tv, idx0 + s * idx_mul, m, cache, cache_x, cap, inv_cap, capped,
+                     mask, mo)
+            if pair and s_b < n:
+                m = step(rv_b, sv_b, tv, idx0 + s_b * idx_mul, m, cache, cache_x, cap,
+                         inv_cap, capped, mask, mo)
+            s = i32(s_b + bd) if pair else s_b
+        return m
+    return run

@@ -617,6 +617,39 @@ def test_large_offsets(case):
         np.testing.assert_allclose(lsm, ref_log_softmax(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("case", CASES)
+def test_infinite_and_nan_logits(case):
+    """Rows the online (max, sum) state must not get wrong, in every strategy, against the
+    reference: -inf over the first steps then logits near -1e4 (the first finite max must
+    not be rescaled from 0), a +inf (logsumexp and loss NaN, as a two-pass softmax gives), a
+    NaN (spreads: NaN softmax too), a row of -inf (logsumexp -inf, loss +inf), a plain row."""
+    strategy, n_cls = STRATEGY_CASES[case]
+    rng = rng_for(case, "inf")
+    x = make_logits(rng, (5, n_cls), "float32")
+    x[0, : n_cls // 2] = -np.inf
+    x[0, n_cls // 2:] -= 1e4
+    x[1, n_cls // 3] = np.inf
+    x[2, n_cls // 3] = np.nan
+    x[3] = -np.inf
+    with _cuda.force_strategy(strategy):
+        lse = KIND.back(gpuce.logsumexp(KIND.to(x)))
+        sm = KIND.back(gpuce.softmax(KIND.to(x)))
+    check_loss(lse, ref_logsumexp(x), "float32", "logsumexp")
+    keep = [0, 3, 4]  # (the reference's softmax of a NaN sum is 0, PyTorch's NaN)
+    check_array(sm[keep], ref_softmax(x)[keep], "float32", "softmax")
+    assert np.isneginf(lse[3]) and np.isnan(lse[1]) and np.isnan(lse[2])
+    assert np.isnan(sm[2]).all()
+    t = np.array([n_cls - 1, 0, 0, 1, 2])
+    loss, grad = run_ce(x, t, strategy, reduction="none")
+    ref_loss, ref_grad = ref_cross_entropy(x, t, reduction="none")
+    keep = [0, 4]
+    check_loss(loss[keep], ref_loss[keep], "float32", "loss")
+    check_array(grad[keep], ref_grad[keep], "float32", "grad")
+    assert np.isnan(loss[1]) and np.isnan(loss[2]) and np.isposinf(loss[3])
+    assert np.all(grad[3] == 0)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bad_targets_give_nan_rows(case):
     strategy, n_cls = STRATEGY_CASES[case]
