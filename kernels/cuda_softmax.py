@@ -146,10 +146,27 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
 
     @device
     def online_step(sv, s, m, se, mask, mh):
-        """One loaded step s of a row into the online (max, sum exp) state (block, split)."""
+        """One loaded step s of a row into the online (max, sum exp) state."""
         if MASKED:
             R.mask_out(sv, mask, mh + s * K, K, NEG_INF)
         return R.online_vals(m, se, sv, K)
+
+    @device
+    def online_pass(x, rs, first, end, m, se, sv, sv_b, mask, mh):
+        """A thread's steps first + tid, + bd, ... < end of the row at step rs into the online
+        state (block, split): two a trip, both loads in flight before either is used."""
+        bd = i32(cuda.blockDim.x)
+        s = i32(first + cuda.threadIdx.x)
+        while s < end:
+            s_b = i32(s + bd)
+            PL.load(x, rs + s, sv)
+            if s_b < end:
+                PL.load(x, rs + s_b, sv_b)
+            m, se = online_step(sv, s, m, se, mask, mh)
+            if s_b < end:
+                m, se = online_step(sv_b, s_b, m, se, mask, mh)
+            s = i32(s_b + bd)
+        return m, se
 
     if strategy in ("block_cached", "block"):
         cached = strategy == "block_cached"
@@ -233,16 +250,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                         se += math.exp(ez - m)
                     se = RD.block_sum(se, buf_s)
                 else:
-                    s = tid
-                    while s < n_st:
-                        s_b = i32(s + bd)
-                        PL.load(x, rs + s, sv)
-                        if s_b < n_st:
-                            PL.load(x, rs + s_b, sv_b)
-                        m, se = online_step(sv, s, m, se, mask, mh)
-                        if s_b < n_st:
-                            m, se = online_step(sv_b, s_b, m, se, mask, mh)
-                        s = i32(s_b + bd)
+                    m, se = online_pass(x, rs, i32(0), n_st, m, se, sv, sv_b, mask, mh)
                     if edge:
                         m, se = R.online(m, se, ez)
                     m, se = RD.block_merge(m, se, buf_m, buf_s)
@@ -285,8 +293,7 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
             buf_s = cuda.shared.array(32, acc)
             sv = cuda.local.array(K, acc)
             sv_b = cuda.local.array(K, acc)
-            tid = i32(cuda.threadIdx.x)  # (32-bit steps in a row; while loops, see softmax_block)
-            bd = i32(cuda.blockDim.x)
+            tid = i32(cuda.threadIdx.x)
             # chunks of the most steps a row has (a peeled row has that or one less)
             length = (n_cls // K + n_split - 1) // n_split
             for b in range(i64(cuda.blockIdx.x), n_rows * n_split, i64(cuda.gridDim.x)):
@@ -297,17 +304,8 @@ def softmax_kernel(strategy, dt, vec=False, masked=False, peeled=False):
                 mh = row * m_stride + h
                 m = NEG_INF
                 se = ZERO
-                s = i32(lo + tid)
-                end = i32(min(n_steps, lo + length))
-                while s < end:  # two steps a trip, as softmax_block's
-                    s_b = i32(s + bd)
-                    PL.load(x, rs + s, sv)
-                    if s_b < end:
-                        PL.load(x, rs + s_b, sv_b)
-                    m, se = online_step(sv, s, m, se, mask, mh)
-                    if s_b < end:
-                        m, se = online_step(sv_b, s_b, m, se, mask, mh)
-                    s = i32(s_b + bd)
+                m, se = online_pass(x, rs, i32(lo), i32(min(n_steps, lo + length)), m, se, sv,
+                                    sv_b, mask, mh)
                 if PEELED and chunk == 0 and tid < n_edge:  # the first chunk takes the edge
                     ec = PL.edge_col(tid, h, n_steps)
                     z = PL.load1(x_elem, start + ec)
