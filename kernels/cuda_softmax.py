@@ -3,8 +3,12 @@ cross-entropy kernels (see cuda_cross_entropy). ``mode``: 0 softmax, 1 log_softm
 write ``out`` in the storage dtype), 2 logsumexp (writes ``lse`` in the accumulator dtype).
 
 An all -inf row has softmax 0 and logsumexp -inf (log_softmax is then -inf - -inf = NaN,
-as in the CPU kernels and the reference). log_softmax is (z - max) - log s, exact for large
-logits.
+as in the CPU kernels and the reference); a NaN logit makes its row NaN, and a +inf its
+logsumexp NaN, in every strategy (the online ones included). log_softmax is (z - max) -
+log s, exact for large logits.
+
+The block and split kernels walk a row in 32-bit steps with while loops (a range with a
+run-time step divides in 64 bits for its trip count), two 16-byte loads in flight a trip.
 
 Class masks: the ``masked`` variant of each kernel takes ``mask`` (bool) and ``m_stride`` (C,
 or 0 for one (C,) row) last. Masked classes enter the max and the sum as -inf and are written
