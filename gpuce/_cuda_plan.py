@@ -264,8 +264,7 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy, softcap=False):
         if device.simulated:
             n_split = int(min(4, max(2, -(-n_cls // 64))))
         else:
-            most = max(2, n_cls // (block * 8))  # chunks of >= 8 values per thread
-            n_split = int(min(most, 1024, max(2, -(-2 * device.sm_count // max(n_rows, 1)))))
+            n_split = split_count(n_rows, n_cls, block, device.sm_count * _min_blocks(family, dt))
         names = (f"{family}_split_partial", f"{family}_split_finish")
         return LaunchPlan(family, "split", "split", names[0], key,
                           max(1, min(n_rows * n_split, device.max_grid)), block, 0,
@@ -274,6 +273,15 @@ def _plan(n_rows, n_cls, dt, device, family, key, strategy, softcap=False):
     return LaunchPlan(family, "block", "block", name, key, max(1, min(n_rows, device.max_grid)),
                       block, 0, kernels=(name,),
                       min_blocks=1 if family == "ce" else _min_blocks(family, dt))
+
+
+def split_count(n_rows, n_cls, block, slots):
+    """Blocks a row is split into: the count whose chunks finish soonest in whole waves of
+    ``slots`` resident blocks (time ~ ceil(n_rows n / slots) / n), the fewest on a tie (less
+    per-chunk work), from 2 up to two waves' worth and chunks of >= 8 values a thread. N = 64
+    on an H100 (264 slots): 4 (256 blocks, one wave), not 5 (320: a second wave 21% full)."""
+    most = max(2, min(1024, n_cls // (block * 8), -(-2 * slots // max(n_rows, 1))))
+    return min(range(2, most + 1), key=lambda n: (-(-n_rows * n // slots) / n, n))
 
 
 def _min_blocks(family, dt):

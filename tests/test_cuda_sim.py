@@ -816,6 +816,25 @@ def test_strategy_choice_and_forcing(monkeypatch):
         plan("ce", 4, 13, "float32", dev)
 
 
+def test_split_count_fills_whole_waves():
+    """An H100 (132 SMs, 2 split blocks an SM: 264 slots) splits few long rows into chunks
+    that end in whole waves: 64 rows -> 4 chunks (256 blocks, one wave; 5 would add a second
+    wave 21% full), 100 -> 5 (500 blocks, 95% of two waves), 130 -> 2 (260); a single row
+    takes the most chunks of >= 8 values a thread (31 at C = 128256)."""
+    from gpuce._cuda_plan import DeviceLimits, plan_for, split_count
+    h100 = DeviceLimits.h100()
+    for n_rows, n_cls, want in ((64, 128256, 4), (100, 128256, 5), (130, 20000, 2),
+                                (1, 128256, 31), (64, 32000, 4)):
+        p = plan_for(n_rows, n_cls, "bfloat16", h100)
+        assert p.strategy == "split" and p.n_split == want, (n_rows, n_cls, p)
+        assert p.grid == n_rows * want
+    for n_rows in range(1, 132):  # never slower, in whole waves, than the next count up
+        n = split_count(n_rows, 128256, 512, 264)
+        waves = -(-n_rows * n // 264) / n
+        assert all(waves <= -(-n_rows * k // 264) / k for k in range(2, 32)
+                   if k <= -(-528 // n_rows)), n_rows
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_mean_and_sum_launch_at_most_three_kernels(case, monkeypatch):
     """The mean divisors and the total are folded into their producers (a last-block ticket,
