@@ -13,6 +13,9 @@ Strategy by row length C (first rule that holds wins; see kernels/cuda_cross_ent
 | block_cached | the row (storage dtype) fits in the opt-in shared memory | as split | C x item bytes |
 | block        | any C                                  | as split            | 0              |
 
+A split row takes ``split_count`` blocks: the count whose chunks end soonest in whole waves of
+resident blocks (an H100 holds 264 split blocks; N = 64 takes 4 a row, one wave).
+
 The warp strategy's kernels (parts) hold the row in registers, 16 values a lane (float64 8):
 the part with the fewest lanes that holds C, so padded work is at most 2x the row (C > 16).
 Few lanes a row, many values a lane: the per-row work (reductions, the loss) is shared by
