@@ -696,12 +696,9 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
         RAW = AX.RAW if RAWC else acc
         NW = AX.NW if RAWC else 1
         FCACHE = cached and not RAWC
-        # the passes that read the logits take two steps a trip (both loads in flight first)
-        # where one 16-byte load a thread is too few bytes in flight: float32/float64 cached
-        # rows (one block an SM from C ~ 28k), block (one 512-thread block an SM: its launch
-        # bound) and the scalar variants; cached half rows at 2 blocks an SM have enough, and
-        # the registers of a second step would spill
-        PAIR = FCACHE or not cached or K == 1
+        # the passes that read the logits take two steps a trip (both loads in flight first):
+        # one 16-byte load a thread is 16 KiB an SM at 1024 threads, under the ~17 KiB an
+        # H100 needs (the half rows' second step fits in the 64 registers of 2 blocks an SM)
 
         @device
         def cache_step(rv, sv, tv, s, m, cache, cache_r, cap, inv_cap, capped, mask, mo):
@@ -785,7 +782,6 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
             smooth = eps / acc(n_cls)
             dist = soft != 0 or eps > ZERO
             inv_cap = softcap_inverse(cap)
-            pair = PAIR or capped  # (capped half rows: 4 bytes a value, fewer blocks an SM)
             n_steps = i32(n_cls // K)
             row = i64(cuda.blockIdx.x)
             while row < n_rows:
@@ -805,7 +801,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                 big_q = ZERO
                 qz = ZERO
                 if cached:
-                    m = first_pass(x, rs, n_steps, i32(0), i32(1), pair, m, rv, rv_b, sv, sv_b, tv,
+                    m = first_pass(x, rs, n_steps, i32(0), i32(1), True, m, rv, rv_b, sv, sv_b, tv,
                                    cache, cache_r, cap, inv_cap, capped, mask, mo)
                     m = RD.block_max(m, buf_m)
                     m = R.finite_max(cap * m if capped else m)  # (the max of t -> of z)
@@ -835,16 +831,16 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                     while s < n_steps:
                         s_b = i32(s + bd)
                         AX.load(x, rs + s, sv)
-                        if PAIR and s_b < n_steps:
+                        if s_b < n_steps:
                             AX.load(x, rs + s_b, sv_b)
                         m, se, big_q, qz = online_step(sv, qv, q, w, rs, s, m, se, big_q, qz,
                                                        dist, soft, weighted, keep, smooth, cap,
                                                        inv_cap, capped, tv, mask, mo)
-                        if PAIR and s_b < n_steps:
+                        if s_b < n_steps:
                             m, se, big_q, qz = online_step(sv_b, qv, q, w, rs, s_b, m, se, big_q,
                                                            qz, dist, soft, weighted, keep, smooth,
                                                            cap, inv_cap, capped, tv, mask, mo)
-                        s = i32(s_b + bd) if PAIR else s_b
+                        s = i32(s_b + bd)
                     m_blk, se = RD.block_merge(m, se, buf_m, buf_s)
                     qz = R.rebase(qz, big_q, m, m_blk)  # every thread's qz relative to one max
                     m = R.finite_max(m_blk)
@@ -904,18 +900,18 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
                         while s < n_steps:
                             s_b = i32(s + bd)
                             AX.load(x, rs + s, sv)
-                            if PAIR and s_b < n_steps:
+                            if s_b < n_steps:
                                 AX.load(x, rs + s_b, sv_b)
                             grad_step(sv, tv, ev, qv, q, w, rs, s, m, k_p, k_q, k_y, ys, yk,
                                       dist, soft, weighted, keep, smooth, cap, inv_cap, capped, mask,
                                       mo, False, False)
                             AX.store(g, rs + s, sv)
-                            if PAIR and s_b < n_steps:
+                            if s_b < n_steps:
                                 grad_step(sv_b, tv, ev, qv, q, w, rs, s_b, m, k_p, k_q, k_y, ys,
                                           yk, dist, soft, weighted, keep, smooth, cap, inv_cap,
                                           capped, mask, mo, False, False)
                                 AX.store(g, rs + s_b, sv_b)
-                            s = i32(s_b + bd) if PAIR else s_b
+                            s = i32(s_b + bd)
                 row += i64(cuda.gridDim.x)
             if total:
                 GS.grid_total(row_sum[0] if tid == 0 else f64(0.0), part, ctr, 1, loss, buf_t,
@@ -936,7 +932,7 @@ def ce_kernel(strategy, dt, qdt=None, vec=False, masked=False, peeled=False):
         return ce_block if MASKED else _unmasked_main(ce_block)
 
     if strategy == "split_partial":
-        PAIR = K == 1  # as in the block kernels: two scalar steps a trip
+        PAIR = K == 1  # two scalar steps a trip; a second 16-byte step spills (half, 64 regs)
 
         @device
         def partial_body(x, q, tgt, w, ws, n_rows, n_cls, ignore_index, soft, weighted, eps,
