@@ -266,19 +266,20 @@ class _FusedCrossEntropy(torch.autograd.Function):
     """The eager training path: one fused call in the forward; the backward reuses its
     gradient buffer (see _backward_scale). torch.compile traces gpuce::cross_entropy_fwd.
 
-    The arguments other than the logits come as one tuple ``call`` (target, weight,
-    ignore_index, reduction, label_smoothing, z_loss, softcap, class_mask): autograd handles
-    each argument of apply, forward and backward, which a tiny call feels. Neither tensor in it
-    gets a gradient (cross_entropy refuses ones that require grad)."""
+    The arguments other than the logits come as one tuple ``call``: (target, weight,
+    ignore_index, reduction, label_smoothing, z_loss, softcap, class_mask), or (target,
+    ignore_index, reduction) for the short-row kernel (_short_rows_call). Autograd handles each
+    argument of apply, forward and backward, which a tiny call feels. Neither tensor in it gets
+    a gradient (cross_entropy refuses ones that require grad)."""
 
     @staticmethod
     def forward(ctx, logits, call):
-        (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-         class_mask) = call
-        if class_mask is None and _short_rows_ok(logits, target, weight, label_smoothing, z_loss,
-                                                 softcap):
-            loss, grad = _short_rows_call(logits, target, ignore_index, reduction)
+        if len(call) == 3:  # (target, ignore_index, reduction): the short-row kernel
+            loss, grad = _short_rows_call(logits, *call)
+            reduction = call[2]
         else:
+            (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+             class_mask) = call
             loss, grad = gpuce.cross_entropy_with_grad(
                 logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
@@ -292,23 +293,26 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if grad_loss is None:
             return None, None
-        (grad,) = ctx.saved_tensors
+        grad = ctx.saved_tensors[0]
+        if (ctx.reduction != "none" and grad_loss.is_cpu and grad_loss.item() == 1.0
+                and not torch.is_grad_enabled()):
+            return grad, None  # every CPU loss.backward(): _backward_scale's first case, inline
         return _backward_scale(grad, grad_loss, ctx.reduction), None
 
 
 _SHORT_ROW_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
-def _short_rows_ok(logits, target, weight, label_smoothing, z_loss, softcap):
-    """Whether gpuce's short-row kernel takes this call directly (see _short_rows_call): C-
-    contiguous float32/float64 CPU logits with at most SMALL_MAX_C classes, contiguous int64
-    class indices of the row shape, default options. Anything else takes the general path,
-    whose checks raise the errors."""
-    return (logits.dtype in _SHORT_ROW_DTYPES and logits.is_cpu and logits.dim() > 0
-            and 0 < logits.shape[-1] <= _cpu.SMALL_MAX_C and logits.is_contiguous()
+def _short_rows_ok(logits, target):
+    """Whether gpuce's short-row kernel takes these tensors directly (see _short_rows_call):
+    C-contiguous float32/float64 CPU logits with at most SMALL_MAX_C classes, contiguous int64
+    class indices of the row shape. Anything else takes the general path, whose checks raise
+    the errors."""
+    shape = logits.shape
+    return (logits.dtype in _SHORT_ROW_DTYPES and logits.is_cpu and len(shape) > 0
+            and 0 < shape[-1] <= _cpu.SMALL_MAX_C and logits.is_contiguous()
             and target.dtype == torch.int64 and target.is_cpu and target.is_contiguous()
-            and target.shape == logits.shape[:-1] and weight is None
-            and label_smoothing == 0.0 and z_loss == 0.0 and softcap is None)
+            and target.shape == shape[:-1])
 
 
 def _short_rows_call(logits, target, ignore_index, reduction):
@@ -405,6 +409,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     float32 (float64 for float64 input). Works on CPU and CUDA tensors in float16, bfloat16,
     float32 and float64, under autograd and ``torch.compile``.
     """
+    if (weight is None and class_mask is None and softcap is None and inplace is False
+            and label_smoothing.__class__ is float and label_smoothing == 0.0
+            and z_loss.__class__ is float and z_loss == 0.0 and ignore_index.__class__ is int
+            and reduction in _REDUCTIONS and isinstance(input, Tensor)
+            and isinstance(target, Tensor) and input.requires_grad and torch.is_grad_enabled()
+            and _short_rows_ok(input, target) and not torch.compiler.is_compiling()):
+        # the common small training call, with nothing left to check (an int64 target
+        # cannot require grad): the short-row kernel, by its own short argument tuple
+        return _apply_fused(input, (target, ignore_index, reduction))
     label_smoothing, z_loss, softcap = _check_options(reduction, label_smoothing, z_loss,
                                                       softcap, ignore_index)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
@@ -418,7 +431,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             class_mask)
     compiling = torch.compiler.is_compiling()
     if grad_mode and not (inplace or compiling) and input.requires_grad:
-        return _apply_fused(input, args)  # the common training call, first
+        if (weight is None and class_mask is None and softcap is None
+                and label_smoothing == 0.0 and z_loss == 0.0 and _short_rows_ok(input, target)):
+            return _apply_fused(input, (target, ignore_index, reduction))
+        return _apply_fused(input, args)
     if not (grad_mode and input.requires_grad):
         if compiling:
             return _ce_loss(input, *args)
@@ -444,9 +460,10 @@ def _apply_fused(input, call):
     transforms, the full apply."""
     if _C_APPLY is None or torch._C._are_functorch_transforms_active():
         return _FusedCrossEntropy.apply(input, call)
-    target, weight = _unwrap_if_dead(call[0]), call[1]
-    if weight is not None:
-        weight = _unwrap_if_dead(weight)
+    target = _unwrap_if_dead(call[0])
+    if len(call) == 3:
+        return _C_APPLY(_unwrap_if_dead(input), (target,) + call[1:])
+    weight = call[1] if call[1] is None else _unwrap_if_dead(call[1])
     return _C_APPLY(_unwrap_if_dead(input), (target, weight) + call[2:])
 
 
