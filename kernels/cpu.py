@@ -135,6 +135,17 @@ def _make_tasks(dtype_name, softcapped, target_dtype_name, masked, variant):
         return v if is_live(mk, c) else ZERO
 
     @inner
+    def chunk(v, c0, n_cls):
+        """v[c0 : c0 + SUM_CHUNK], for a loop from 0: LLVM then knows the index is >= 0 (no
+        negative-index wraparound) and loads contiguous vectors; a loop from c0 over v took
+        AVX-512 gathers and scatters: softmax and CE 2.5-4x slower on a Zen 4."""
+        return v[c0:min(n_cls, c0 + SUM_CHUNK)]
+
+    @inner
+    def chunk_mask(mk, c0, n_cls):
+        return chunk(mk, c0, n_cls) if masked else mk
+
+    @inner
     def row_max(x, cap, mk):
         """max z over the row's live classes (0 for an all -inf row); tanh is monotone, so max
         the raw words."""
@@ -160,10 +171,11 @@ def _make_tasks(dtype_name, softcapped, target_dtype_name, masked, variant):
         n_cls = x.shape[0]
         total = 0.0
         for c0 in range(0, n_cls, SUM_CHUNK):
+            xc, ec, mc = chunk(x, c0, n_cls), chunk(e, c0, n_cls), chunk_mask(mk, c0, n_cls)
             s = ZERO
-            for c in range(c0, min(n_cls, c0 + SUM_CHUNK)):
-                v = live_or_zero(exp(logit(x[c], cap) - m), mk, c)
-                e[c] = v
+            for c in range(xc.shape[0]):
+                v = live_or_zero(exp(logit(xc[c], cap) - m), mc, c)
+                ec[c] = v
                 s += v
             total += s
         return acc(total)
@@ -279,8 +291,9 @@ def _make_tasks(dtype_name, softcapped, target_dtype_name, masked, variant):
                 r0, r1 = block_bounds(b, n_rows, per_block)
                 e = scratch_rows(scratch, r0, r1)
                 block_stats(x, e, m, s, r0, r1, cap, mask, mask_step)
-                for r in range(r0, r1):
-                    out[r] = m[r - r0] + log_of(s[r - r0])
+                out_rows = out[r0:r1]
+                for i in range(out_rows.shape[0]):  # (from 0: see chunk)
+                    out_rows[i] = m[i] + log_of(s[i])
 
     # ---- cross entropy ---------------------------------------------------------
     # Row loss (hard target y, smoothing eps, weights w, W = sum w):
@@ -332,10 +345,11 @@ def _make_tasks(dtype_name, softcapped, target_dtype_name, masked, variant):
             smooth = eps / n_live
             gap = 0.0  # in chunks, as exp_row's sum
             for c0 in range(0, n_cls, SUM_CHUNK):
+                xc, wc_, mc = chunk(x, c0, n_cls), chunk(w, c0, n_cls), chunk_mask(mk, c0, n_cls)
                 part = ZERO
-                for c in range(c0, min(n_cls, c0 + SUM_CHUNK)):
-                    wc = live_or_zero(w[c], mk, c)
-                    part += ZERO if wc == ZERO else wc * (m - logit(x[c], cap))  # 0 * inf: 0
+                for c in range(xc.shape[0]):
+                    wc = live_or_zero(wc_[c], mc, c)
+                    part += ZERO if wc == ZERO else wc * (m - logit(xc[c], cap))  # 0 * inf: 0
                 gap += part
             loss += smooth * (acc(gap) + w_sum * log_s)
         if write_grad:
@@ -421,10 +435,12 @@ def _make_tasks(dtype_name, softcapped, target_dtype_name, masked, variant):
         for c0 in range(0, n_cls, SUM_CHUNK):
             q_part = ZERO
             gap_part = ZERO
-            for c in range(c0, min(n_cls, c0 + SUM_CHUNK)):
-                wq = live_or_zero(w[c] * (keep * load_q(q[c]) + smooth), mk, c)
+            xc, qc, wc, mc = (chunk(x, c0, n_cls), chunk(q, c0, n_cls), chunk(w, c0, n_cls),
+                              chunk_mask(mk, c0, n_cls))
+            for c in range(xc.shape[0]):
+                wq = live_or_zero(wc[c] * (keep * load_q(qc[c]) + smooth), mc, c)
                 q_part += wq
-                gap_part += ZERO if wq == ZERO else wq * (m - logit(x[c], cap))  # 0 * inf: 0
+                gap_part += ZERO if wq == ZERO else wq * (m - logit(xc[c], cap))  # 0 * inf: 0
             big_q64 += q_part
             gap64 += gap_part
         big_q = acc(big_q64)
