@@ -92,6 +92,8 @@ def _small_tasks(dtype_name, n_cls):
                 n = min(per_block, n_rows - r0)
                 xb = x[r0:r0 + n]
                 e = g[r0:r0 + n] if write_grad else scratch[:n]
+                tb = tgt[r0:r0 + n]  # (rows from 0 in slices: contiguous vectors, not gathers)
+                lb = loss_out[r0:r0 + n]
                 for i in range(n):  # row max, the shifted row, the target's logit and
                     xi = xb[i]          # weight: C is a constant, so this unrolls and the
                     mi = xi[0]          # row stays in registers
@@ -102,7 +104,7 @@ def _small_tasks(dtype_name, n_cls):
                     ei = e[i]
                     for c in range(C):
                         ei[c] = xi[c] - mi
-                    y = tgt[r0 + i]
+                    y = tb[i]
                     kept = y != ignore_index
                     yc = y if kept else 0
                     gap[i] = mi - xi[yc]
@@ -118,8 +120,9 @@ def _small_tasks(dtype_name, n_cls):
                         s += ei[c]
                     k[i] = s
                 if go_step:  # one grad_output per row (reduction='none')
+                    gb = go[r0:r0 + n]
                     for i in range(n):
-                        a_y[i] = go[r0 + i] * w_y[i]
+                        a_y[i] = gb[i] * w_y[i]
                 else:
                     a = go[0]
                     for i in range(n):
@@ -131,7 +134,7 @@ def _small_tasks(dtype_name, n_cls):
                     # with log s, and no fence stops this loop from vectorising
                     loss = w_y[i] * (gap[i] + log(s)) if w_y[i] != ZERO else ZERO
                     loss = loss if s != ZERO else INF * inv_ce  # all -inf: +inf, gradient 0
-                    loss_out[r0 + i] = loss if kept_f[i] != ZERO else ZERO
+                    lb[i] = loss if kept_f[i] != ZERO else ZERO
                     k[i] = a_y[i] / s if s != ZERO else ZERO  # NaN s: NaN row
                 if write_grad:
                     for i in range(n):
@@ -140,8 +143,7 @@ def _small_tasks(dtype_name, n_cls):
                         for c in range(C):
                             ei[c] = ki * ei[c]
                     for i in range(n):  # the target element, p - 1 from unrounded terms
-                        r = r0 + i
-                        y = tgt[r]
+                        y = tb[i]
                         if y == ignore_index:  # zeros even where the row holds NaN
                             for c in range(C):
                                 e[i, c] = ZERO

@@ -14,7 +14,7 @@ _RECORD = r"""
 import pickle, sys
 import ml_dtypes, numpy as np
 import gpuce
-from gpuce.kernels import cpu
+from gpuce.kernels import cpu, cpu_small
 rng = np.random.default_rng(0)
 n, c = 8, 1500  # rows long enough for the chunked loops (SUM_CHUNK)
 for dt in (np.float32, ml_dtypes.bfloat16):
@@ -26,21 +26,27 @@ for dt in (np.float32, ml_dtypes.bfloat16):
     if dt is np.float32:
         q = rng.random((n, c)).astype(dt)
         gpuce.cross_entropy_with_grad(x, q / q.sum(1, keepdims=True))
+x = rng.standard_normal((256, 10)).astype(np.float32)  # the short-row kernel (C = 10)
+gpuce.cross_entropy_with_grad(x, rng.integers(0, 10, 256), reduction="none")
 sigs = {}
 for dt in ("float32", "bfloat16"):
     for name, fn in cpu.tasks(dt, False, None).items():
         if fn.signatures:
             sigs[(dt, name)] = list(fn.signatures)
+sigs[("float32", "short_rows_10")] = list(cpu_small._small_tasks("float32", 10)[0].signatures)
 pickle.dump(sigs, open(sys.argv[1], "wb"))
 """
 
 # compiles the same functions for znver4 and counts gathers/scatters in each
 _CROSS = r"""
 import json, pickle, re, sys
-from gpuce.kernels import cpu
+from gpuce.kernels import cpu, cpu_small
 out = {}
 for (dt, name), sigs in pickle.load(open(sys.argv[1], "rb")).items():
-    fn = cpu.tasks(dt, False, None)[name]
+    if name == "short_rows_10":
+        fn = cpu_small._small_tasks(dt, 10)[0]
+    else:
+        fn = cpu.tasks(dt, False, None)[name]
     for sig in sigs:
         fn.compile(sig)
         asm = fn.inspect_asm(sig)
@@ -64,7 +70,7 @@ def test_row_loops_have_no_gathers_on_avx512(tmp_path):
     counts = json.loads(_run(_CROSS, tmp_path, "znver4", str(sigs), NUMBA_CPU_NAME="znver4",
                              NUMBA_CPU_FEATURES=""))
     names = {k.split()[1] for k in counts}
-    assert {"softmax", "logsumexp", "ce_hard", "ce_soft"} <= names, counts
+    assert {"softmax", "logsumexp", "ce_hard", "ce_soft", "short_rows_10"} <= names, counts
     assert all(zmm > 0 for _, zmm in counts.values()), counts  # AVX-512 code indeed
     gathers = {k: g for k, (g, _) in counts.items() if g}
     assert not gathers, f"gathers/scatters in the kernels' loops: {gathers}"
