@@ -66,8 +66,14 @@ def make_kernels(dtype_name, softcapped, target_dtype_name=None, parallel=True, 
     the bit, and both are cached on disk. ``masked`` builds the class-mask variant (see the
     module docstring).
     """
-    pairs = _drivers(dtype_name, bool(softcapped), target_dtype_name, bool(masked))
-    return {name: pair[bool(parallel)] for name, pair in pairs.items()}
+    return _kernel_table(dtype_name, bool(softcapped), target_dtype_name, bool(parallel),
+                         bool(masked))
+
+
+@lru_cache(maxsize=None)  # (built once: a dict a call cost a small call ~1 us)
+def _kernel_table(dtype_name, softcapped, target_dtype_name, parallel, masked):
+    pairs = _drivers(dtype_name, softcapped, target_dtype_name, masked)
+    return {name: pair[parallel] for name, pair in pairs.items()}
 
 
 def _variant(dtype_name, softcapped, target_dtype_name, masked):
